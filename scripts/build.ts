@@ -1,0 +1,36 @@
+// Compiles src/main.ts into one self-contained executable, dist/aetherscale,
+// with the version injected. Run with `npm run build` (Bun from node_modules).
+import { chmod, mkdir } from "node:fs/promises";
+import { join } from "node:path";
+import pkg from "../package.json" with { type: "json" };
+
+const root = join(import.meta.dir, "..");
+const outfile = join(root, "dist", "aetherscale");
+const version = process.env.AETHERSCALE_VERSION || pkg.version;
+
+await mkdir(join(root, "dist"), { recursive: true });
+const started = performance.now();
+const result = await Bun.build({
+  entrypoints: [join(root, "src", "main.ts")],
+  target: "bun",
+  minify: true,
+  sourcemap: "none",
+  define: { AETHERSCALE_VERSION: JSON.stringify(version) },
+  compile: {
+    outfile,
+    // The executable must behave the same wherever it is started from.
+    autoloadDotenv: false,
+    autoloadBunfig: false,
+    autoloadTsconfig: false,
+    autoloadPackageJson: false,
+  },
+});
+if (!result.success) {
+  for (const message of result.logs) console.error(message);
+  throw new Error("build failed");
+}
+await chmod(outfile, 0o755);
+const size = Bun.file(outfile).size;
+console.error(
+  `built ${outfile} (aetherscale ${version}, ${(size / 1024 / 1024).toFixed(1)} MiB) in ${((performance.now() - started) / 1000).toFixed(1)} s`,
+);

@@ -1,0 +1,9 @@
+import { defineCommand } from "citty";
+import { vmCommand } from "../cli/actions.ts";
+import { clientArgs, vmIdArg } from "../cli/args.ts";
+
+export default defineCommand({
+  meta: { name: "delete", description: "Delete a VM, its disk and its files" },
+  args: { ...clientArgs, ...vmIdArg },
+  run: ({ args }) => vmCommand("delete-vm", args, args.id, args.json),
+});

@@ -1,0 +1,707 @@
+// The `qemu` VM driver: every VM is a daemonized QEMU process with its files in
+// the VM's directory. QEMU is a daemon (its own session, re-parented to init),
+// so VMs outlive the agent; the driver finds them again through their pid file
+// and QMP socket.
+import { spawn } from "node:child_process";
+import { access, chmod, mkdir, rm, writeFile } from "node:fs/promises";
+import { basename, join, resolve } from "node:path";
+import { HypervisorError } from "../../errors.ts";
+import { logger } from "../../log.ts";
+import type { Accelerator, RunInfo, StopOptions, VmDriver, VmSpec } from "../driver.ts";
+import {
+  createOverlay,
+  DEFAULT_QEMU_BINARY,
+  DEFAULT_QEMU_IMG,
+  escapeOptionValue,
+  findExecutable,
+  kvmUsable,
+  readCmdline,
+  readPidFile,
+  runTool,
+  tailOf,
+} from "../qemu-tools.ts";
+import { QmpClient } from "../qmp.ts";
+
+const log = logger.withTag("qemu");
+
+export type QemuAccelChoice = "auto" | "kvm" | "tcg";
+
+export type QemuDriverOptions = {
+  /** Program name on PATH or a path; default `qemu-system-x86_64`. */
+  qemuBinary?: string;
+  /** Program name on PATH or a path; default `qemu-img`. */
+  qemuImg?: string;
+  /** `auto` (the default) uses KVM when /dev/kvm can be opened and QEMU starts with it, else TCG. */
+  accel?: QemuAccelChoice;
+  /** How often an attached VM's process is checked for a death nobody asked for. */
+  pollIntervalMs?: number;
+  /** Limit for QEMU to daemonize, open QMP and report the VM running. */
+  bootTimeoutMs?: number;
+  /** The KVM device to probe; a test can point this elsewhere to force TCG. */
+  kvmDevice?: string;
+};
+
+export type QemuProbe = {
+  qemuBinary: string;
+  qemuImg: string;
+  version: string;
+  kvmUsable: boolean;
+};
+
+/** Every file a VM has, by absolute path (QEMU changes its directory to / when it daemonizes). */
+type VmFiles = {
+  dir: string;
+  disk: string;
+  pidFile: string;
+  qmpSocket: string;
+  consoleLog: string;
+  initScript: string;
+};
+
+type Attachment = {
+  vmId: string;
+  pid: number;
+  files: VmFiles;
+  run: RunInfo;
+  qmp: QmpClient | null;
+  poll: ReturnType<typeof setInterval>;
+  /** Set while the driver itself stops or destroys the VM: that death is expected, not a crash. */
+  expectingExit: boolean;
+  detached: boolean;
+};
+
+const QUIT_GRACE_MS = 3000;
+const TERM_GRACE_MS = 3000;
+const KILL_GRACE_MS = 5000;
+const EXIT_POLL_MS = 50;
+
+export const vmFiles = (spec: VmSpec): VmFiles => {
+  const dir = resolve(spec.dir);
+  return {
+    dir,
+    disk: join(dir, "disk.qcow2"),
+    pidFile: join(dir, "qemu.pid"),
+    qmpSocket: join(dir, "qmp.sock"),
+    consoleLog: join(dir, "console.log"),
+    initScript: join(dir, "init-script"),
+  };
+};
+
+const exists = async (path: string): Promise<boolean> => {
+  try {
+    await access(path);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+const sleep = (ms: number): Promise<void> => new Promise((done) => setTimeout(done, ms));
+
+const messageOf = (error: unknown): string =>
+  error instanceof Error ? error.message : String(error);
+
+/** Whether `pid` is a live QEMU of this VM: a reused pid would not have this VM's pid file on its command line. */
+const isVmProcess = async (pid: number, pidFile: string): Promise<boolean> => {
+  const cmdline = await readCmdline(pid);
+  return cmdline?.includes(pidFile) ?? false;
+};
+
+/** Polls until the VM's process is gone (or a zombie); true when it went within the limit. */
+const waitForExit = async (pid: number, pidFile: string, timeoutMs: number): Promise<boolean> => {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (!(await isVmProcess(pid, pidFile))) return true;
+    if (Date.now() >= deadline) return false;
+    await sleep(EXIT_POLL_MS);
+  }
+};
+
+const acceleratorFromCmdline = (cmdline: readonly string[]): Accelerator => {
+  const index = cmdline.indexOf("-accel");
+  return cmdline[index + 1] === "kvm" ? "kvm" : "tcg";
+};
+
+export class QemuDriver implements VmDriver {
+  readonly name = "qemu" as const;
+  private readonly accel: QemuAccelChoice;
+  private readonly pollIntervalMs: number;
+  private readonly bootTimeoutMs: number;
+  private readonly kvmDevice: string;
+  private readonly qemuBinaryOption: string;
+  private readonly qemuImgOption: string;
+  private resolvedPrograms: { qemuBinary: string; qemuImg: string } | null = null;
+  private readonly attachments = new Map<string, Attachment>();
+  private readonly vmLocks = new Map<string, Promise<void>>();
+  private exitListener: ((vmId: string) => void) | null = null;
+
+  constructor(options: QemuDriverOptions = {}) {
+    this.qemuBinaryOption = options.qemuBinary ?? DEFAULT_QEMU_BINARY;
+    this.qemuImgOption = options.qemuImg ?? DEFAULT_QEMU_IMG;
+    this.accel = options.accel ?? "auto";
+    this.pollIntervalMs = options.pollIntervalMs ?? 1000;
+    this.bootTimeoutMs = options.bootTimeoutMs ?? 30_000;
+    this.kvmDevice = options.kvmDevice ?? "/dev/kvm";
+  }
+
+  /** Finds the QEMU programs and checks KVM; an agent calls this at start to fail early. */
+  async probe(): Promise<QemuProbe> {
+    const programs = this.programs();
+    const result = await runTool([programs.qemuBinary, "--version"], { timeoutMs: 10_000 });
+    if (result.code !== 0) {
+      throw new HypervisorError(
+        `${programs.qemuBinary} --version failed: ${tailOf(result.stderr) || `exit code ${result.code}`}`,
+      );
+    }
+    return {
+      ...programs,
+      version: result.stdout.split("\n")[0]?.trim() ?? "",
+      kvmUsable: await kvmUsable(this.kvmDevice),
+    };
+  }
+
+  create(spec: VmSpec): Promise<RunInfo> {
+    return this.serialized(spec.id, async () => {
+      const files = this.checkedFiles(spec);
+      const basePath = resolve(spec.basePath);
+      if (!(await exists(basePath))) {
+        throw new HypervisorError(`VM ${spec.id}: the base image ${basePath} does not exist`);
+      }
+      if (await exists(files.disk)) {
+        throw new HypervisorError(`VM ${spec.id} already has a disk at ${files.disk}`, {
+          hint: "Start the existing VM, or delete it first",
+        });
+      }
+      await mkdir(files.dir, { recursive: true, mode: 0o700 });
+      // mkdir's mode only applies to a directory it makes; the VM's files are nobody else's business.
+      await chmod(files.dir, 0o700);
+      try {
+        await createOverlay(this.programs().qemuImg, basePath, files.disk);
+        if (spec.initScript !== undefined) {
+          await writeFile(files.initScript, spec.initScript, { mode: 0o600 });
+        }
+        return await this.boot(spec, files);
+      } catch (error) {
+        // A VM that never ran leaves nothing behind, so the same create can be tried again.
+        await rm(files.dir, { recursive: true, force: true }).catch(() => undefined);
+        throw error;
+      }
+    });
+  }
+
+  start(spec: VmSpec): Promise<RunInfo> {
+    return this.serialized(spec.id, async () => {
+      const files = this.checkedFiles(spec);
+      const running = await this.findRunning(spec, files, null);
+      if (running !== null) {
+        log.info(`VM ${spec.id} is already running (pid ${running.pid})`);
+        return running;
+      }
+      if (!(await exists(files.disk))) {
+        throw new HypervisorError(
+          `VM ${spec.id} has no disk at ${files.disk}; it cannot be started`,
+          {
+            hint: "Delete this VM and create a new one",
+          },
+        );
+      }
+      return this.boot(spec, files);
+    });
+  }
+
+  stop(spec: VmSpec, options: StopOptions): Promise<void> {
+    return this.serialized(spec.id, async () => {
+      const files = vmFiles(spec);
+      await this.terminate(spec.id, files, options);
+    });
+  }
+
+  destroy(spec: VmSpec): Promise<void> {
+    return this.serialized(spec.id, async () => {
+      const files = this.checkedFiles(spec);
+      await this.terminate(spec.id, files, { kill: true, timeoutMs: 0 });
+      await rm(files.dir, { recursive: true, force: true }).catch((error: unknown) => {
+        throw new HypervisorError(
+          `VM ${spec.id}: could not remove ${files.dir}: ${messageOf(error)}`,
+          {
+            hint: "Check the permissions of the state directory",
+            cause: error,
+          },
+        );
+      });
+      log.info(`VM ${spec.id} destroyed`);
+    });
+  }
+
+  reattach(spec: VmSpec, pid: number | null): Promise<RunInfo | null> {
+    return this.serialized(spec.id, () => this.findRunning(spec, vmFiles(spec), pid));
+  }
+
+  onUnexpectedExit(listener: (vmId: string) => void): void {
+    this.exitListener = listener;
+  }
+
+  async close(): Promise<void> {
+    await Promise.allSettled([...this.vmLocks.values()]);
+    const closing = [...this.attachments.values()].map((attachment) => this.detach(attachment));
+    await Promise.allSettled(closing);
+  }
+
+  private programs(): { qemuBinary: string; qemuImg: string } {
+    this.resolvedPrograms ??= {
+      qemuBinary: findExecutable(this.qemuBinaryOption),
+      qemuImg: findExecutable(this.qemuImgOption),
+    };
+    return this.resolvedPrograms;
+  }
+
+  /** The VM's files, after checking its directory is its own: destroy removes that directory whole. */
+  private checkedFiles(spec: VmSpec): VmFiles {
+    const files = vmFiles(spec);
+    if (basename(files.dir) !== spec.id) {
+      throw new HypervisorError(
+        `VM ${spec.id}: refusing to use ${files.dir}, whose name is not the VM id`,
+      );
+    }
+    return files;
+  }
+
+  /** Runs one operation of a VM at a time, so that e.g. a stop cannot race a destroy. */
+  private serialized<T>(vmId: string, task: () => Promise<T>): Promise<T> {
+    const previous = this.vmLocks.get(vmId) ?? Promise.resolve();
+    const result = previous.then(task);
+    const settled = result.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.vmLocks.set(vmId, settled);
+    void settled.then(() => {
+      if (this.vmLocks.get(vmId) === settled) this.vmLocks.delete(vmId);
+    });
+    return result;
+  }
+
+  /**
+   * The VM's live QEMU, attached to: `pid` (a recorded one) or else the pid file's,
+   * accepted only when that process has this VM's pid file on its command line.
+   */
+  private async findRunning(
+    spec: VmSpec,
+    files: VmFiles,
+    pid: number | null,
+  ): Promise<RunInfo | null> {
+    const attached = this.attachments.get(spec.id);
+    if (attached !== undefined && (await isVmProcess(attached.pid, files.pidFile))) {
+      return attached.run;
+    }
+    const candidates = [pid, await readPidFile(files.pidFile)].filter(
+      (candidate): candidate is number => candidate !== null,
+    );
+    for (const candidate of new Set(candidates)) {
+      const cmdline = await readCmdline(candidate);
+      if (cmdline === null || !cmdline.includes(files.pidFile)) continue;
+      let qmp: QmpClient | null = null;
+      let accelerator = acceleratorFromCmdline(cmdline);
+      try {
+        qmp = await QmpClient.connect(files.qmpSocket, { timeoutMs: 5000, label: `VM ${spec.id}` });
+        accelerator = (await qmp.queryKvm()).enabled ? "kvm" : "tcg";
+      } catch (error) {
+        // The process is ours and alive: watch it by pid; stop will try QMP again.
+        log.warn(
+          `VM ${spec.id} (pid ${candidate}) runs, but its QMP socket does not answer: ${messageOf(error)}`,
+        );
+        await qmp?.close();
+        qmp = null;
+      }
+      const run: RunInfo = {
+        pid: candidate,
+        accelerator,
+        disk: files.disk,
+        consoleLog: files.consoleLog,
+      };
+      if (attached !== undefined) await this.detach(attached);
+      this.attach(spec.id, files, candidate, qmp, run);
+      log.info(`re-attached to VM ${spec.id} (pid ${candidate}, ${accelerator})`);
+      return run;
+    }
+    return null;
+  }
+
+  /** Boots the VM from its disk, with KVM if it can and TCG otherwise. */
+  private async boot(spec: VmSpec, files: VmFiles): Promise<RunInfo> {
+    const kvmOpens = this.accel !== "tcg" && (await kvmUsable(this.kvmDevice));
+    if (this.accel === "kvm" && !kvmOpens) {
+      throw new HypervisorError(
+        `VM ${spec.id}: KVM was required, but ${this.kvmDevice} cannot be opened read-write`,
+        {
+          hint: "Load the kvm module and give the agent access to /dev/kvm, or use --accel tcg/auto",
+        },
+      );
+    }
+    if (!kvmOpens) return this.launch(spec, files, "tcg");
+    try {
+      return await this.launch(spec, files, "kvm");
+    } catch (error) {
+      if (this.accel === "kvm") throw error;
+      // /dev/kvm opening is not proof: nested or restricted KVM can still make QEMU fail at start.
+      log.warn(`VM ${spec.id}: QEMU did not start with KVM, trying TCG: ${messageOf(error)}`);
+      return this.launch(spec, files, "tcg");
+    }
+  }
+
+  private qemuArguments(
+    spec: VmSpec,
+    files: VmFiles,
+    accel: "kvm" | "tcg",
+    withInitScript: boolean,
+  ): string[] {
+    const value = escapeOptionValue;
+    const args = [
+      "-name",
+      `guest=${value(spec.id)},process=aetherscale-${value(spec.id)}`,
+      "-accel",
+      accel,
+      "-nodefaults",
+      "-display",
+      "none",
+      "-monitor",
+      "none",
+      "-m",
+      String(spec.memory),
+      "-smp",
+      String(spec.cpus),
+      "-drive",
+      `file=${value(files.disk)},if=virtio,format=qcow2`,
+      "-netdev",
+      "user,id=net0",
+      "-device",
+      "virtio-net-pci,netdev=net0",
+      // -chardev rather than `-qmp unix:...` and `-serial file:...`: only this form
+      // lets a comma in the state directory's path be escaped.
+      "-chardev",
+      `socket,id=qmp,path=${value(files.qmpSocket)},server=on,wait=off`,
+      "-mon",
+      "chardev=qmp,mode=control",
+      // append: the console of earlier boots stays readable after a restart.
+      "-chardev",
+      `file,id=console,path=${value(files.consoleLog)},append=on`,
+      "-serial",
+      "chardev:console",
+      "-pidfile",
+      files.pidFile,
+      "-daemonize",
+    ];
+    if (withInitScript) {
+      // fw_cfg rather than a second drive: the guest reads it from
+      // /sys/firmware/qemu_fw_cfg/by_name/opt/aetherscale/init-script/raw, and its
+      // disk numbering stays the same with or without a script.
+      args.push("-fw_cfg", `name=opt/aetherscale/init-script,file=${value(files.initScript)}`);
+    }
+    return args;
+  }
+
+  /** Starts QEMU once with one accelerator and waits until the VM runs; leaves no process behind on failure. */
+  private async launch(spec: VmSpec, files: VmFiles, accel: "kvm" | "tcg"): Promise<RunInfo> {
+    const startedAt = Date.now();
+    const { qemuBinary } = this.programs();
+    await rm(files.qmpSocket, { force: true });
+    await rm(files.pidFile, { force: true });
+    const args = this.qemuArguments(spec, files, accel, await exists(files.initScript));
+    log.debug(`VM ${spec.id}: ${qemuBinary} ${args.join(" ")}`);
+    const daemonized = await this.spawnDaemon(spec.id, qemuBinary, args);
+    if (daemonized.code !== 0) {
+      throw new HypervisorError(
+        `QEMU could not start VM ${spec.id} (${accel}): ${tailOf(daemonized.stderr) || `exit code ${daemonized.code}, signal ${daemonized.signal}`}`,
+        { hint: `See the QEMU arguments with --verbose; the VM's files are in ${files.dir}` },
+      );
+    }
+    if (daemonized.stderr.trim() !== "") {
+      log.debug(`VM ${spec.id}: QEMU said: ${daemonized.stderr.trim()}`);
+    }
+    const pid = await readPidFile(files.pidFile);
+    if (pid === null) {
+      throw new HypervisorError(
+        `QEMU daemonized VM ${spec.id} but wrote no pid to ${files.pidFile}`,
+      );
+    }
+    let qmp: QmpClient | null = null;
+    try {
+      // The directory is already 0700; this keeps the socket private even if that ever changes.
+      await chmod(files.qmpSocket, 0o600);
+      qmp = await this.connectQmp(spec.id, files, pid, startedAt + this.bootTimeoutMs);
+      await this.waitRunning(spec.id, qmp, startedAt + this.bootTimeoutMs);
+      const accelerator: Accelerator = (await qmp.queryKvm()).enabled ? "kvm" : "tcg";
+      const run: RunInfo = { pid, accelerator, disk: files.disk, consoleLog: files.consoleLog };
+      this.attach(spec.id, files, pid, qmp, run);
+      log.info(
+        `VM ${spec.id} is running (pid ${pid}, ${accelerator}) after ${Date.now() - startedAt} ms`,
+      );
+      return run;
+    } catch (error) {
+      await qmp?.close();
+      await this.signal(pid, files, "SIGKILL");
+      await waitForExit(pid, files.pidFile, KILL_GRACE_MS);
+      throw error;
+    }
+  }
+
+  /** Runs `qemu ... -daemonize`: it exits once the VM's daemon is set up, or with the reason it is not. */
+  private spawnDaemon(
+    vmId: string,
+    qemuBinary: string,
+    args: string[],
+  ): Promise<{ code: number | null; signal: string | null; stderr: string }> {
+    return new Promise((resolveExit, reject) => {
+      // detached: the QEMU process group is not ours, so a Ctrl-C meant for the agent never reaches VMs.
+      const child = spawn(qemuBinary, args, {
+        detached: true,
+        stdio: ["ignore", "ignore", "pipe"],
+      });
+      let stderr = "";
+      child.stderr.setEncoding("utf8").on("data", (chunk: string) => {
+        stderr += chunk;
+      });
+      const timer = setTimeout(() => {
+        child.kill("SIGKILL");
+        reject(
+          new HypervisorError(
+            `QEMU did not finish starting VM ${vmId} within ${this.bootTimeoutMs} ms: ${tailOf(stderr)}`,
+          ),
+        );
+      }, this.bootTimeoutMs);
+      child.on("error", (error) => {
+        clearTimeout(timer);
+        reject(
+          new HypervisorError(`Could not run ${qemuBinary} for VM ${vmId}: ${error.message}`, {
+            hint: "Install QEMU with scripts/install-qemu.sh",
+            cause: error,
+          }),
+        );
+      });
+      child.on("close", (code, signal) => {
+        clearTimeout(timer);
+        resolveExit({ code, signal, stderr });
+      });
+      child.unref();
+    });
+  }
+
+  private async connectQmp(
+    vmId: string,
+    files: VmFiles,
+    pid: number,
+    deadline: number,
+  ): Promise<QmpClient> {
+    for (;;) {
+      try {
+        return await QmpClient.connect(files.qmpSocket, {
+          timeoutMs: Math.max(1000, deadline - Date.now()),
+          label: `VM ${vmId}`,
+        });
+      } catch (error) {
+        if (!(await isVmProcess(pid, files.pidFile))) {
+          throw new HypervisorError(`VM ${vmId}: QEMU (pid ${pid}) exited right after starting`, {
+            hint: `Its console log is ${files.consoleLog}`,
+            cause: error,
+          });
+        }
+        if (Date.now() >= deadline) throw error;
+        await sleep(100);
+      }
+    }
+  }
+
+  private async waitRunning(vmId: string, qmp: QmpClient, deadline: number): Promise<void> {
+    for (;;) {
+      const status = await qmp.queryStatus();
+      if (status.running) return;
+      if (["shutdown", "guest-panicked", "internal-error", "io-error"].includes(status.status)) {
+        throw new HypervisorError(
+          `VM ${vmId} stopped while booting: QEMU reports ${status.status}`,
+        );
+      }
+      if (Date.now() >= deadline) {
+        throw new HypervisorError(
+          `VM ${vmId} is not running ${this.bootTimeoutMs} ms after start: QEMU reports ${status.status}`,
+        );
+      }
+      await sleep(50);
+    }
+  }
+
+  private attach(
+    vmId: string,
+    files: VmFiles,
+    pid: number,
+    qmp: QmpClient | null,
+    run: RunInfo,
+  ): void {
+    const attachment: Attachment = {
+      vmId,
+      pid,
+      files,
+      run,
+      qmp,
+      poll: setInterval(() => void this.checkAlive(attachment), this.pollIntervalMs),
+      expectingExit: false,
+      detached: false,
+    };
+    // The poll must not keep an agent that is otherwise done from exiting.
+    attachment.poll.unref();
+    if (qmp !== null) this.watchQmp(attachment, qmp);
+    this.attachments.set(vmId, attachment);
+  }
+
+  private watchQmp(attachment: Attachment, qmp: QmpClient): void {
+    qmp.onEvent((event) => {
+      if (event.event === "SHUTDOWN") {
+        log.info(
+          `VM ${attachment.vmId} is shutting down (${String(event.data?.reason ?? "no reason given")})`,
+        );
+      }
+    });
+    qmp.onClose((info) => {
+      if (info.byClient) return;
+      if (attachment.qmp === qmp) attachment.qmp = null;
+      void this.checkAlive(attachment);
+    });
+  }
+
+  /** Reports the VM if its process is gone and nobody here asked for that. */
+  private async checkAlive(attachment: Attachment): Promise<void> {
+    if (attachment.detached || attachment.expectingExit) return;
+    if (await isVmProcess(attachment.pid, attachment.files.pidFile)) return;
+    if (attachment.detached || attachment.expectingExit) return;
+    log.warn(`VM ${attachment.vmId} (pid ${attachment.pid}) exited without being asked to`);
+    await this.detach(attachment);
+    try {
+      this.exitListener?.(attachment.vmId);
+    } catch (error) {
+      log.error(`The listener for VM ${attachment.vmId}'s exit failed: ${messageOf(error)}`);
+    }
+  }
+
+  private async detach(attachment: Attachment): Promise<void> {
+    attachment.detached = true;
+    clearInterval(attachment.poll);
+    if (this.attachments.get(attachment.vmId) === attachment)
+      this.attachments.delete(attachment.vmId);
+    const qmp = attachment.qmp;
+    attachment.qmp = null;
+    await qmp?.close();
+  }
+
+  /** Stops the VM's process if it has one, escalating as far as needed, and removes its runtime files. */
+  private async terminate(vmId: string, files: VmFiles, options: StopOptions): Promise<void> {
+    const attachment = this.attachments.get(vmId);
+    if (attachment !== undefined) attachment.expectingExit = true;
+    const pid = await this.livePid(vmId, files, attachment);
+    try {
+      if (pid === null) {
+        log.info(`VM ${vmId} has no running process`);
+        return;
+      }
+      if (!options.kill) {
+        if (await this.shutDownByQmp(vmId, files, pid, attachment, options.timeoutMs)) return;
+        await this.signal(pid, files, "SIGTERM");
+        if (await waitForExit(pid, files.pidFile, TERM_GRACE_MS)) {
+          log.info(`VM ${vmId} ended on SIGTERM`);
+          return;
+        }
+        log.warn(`VM ${vmId} (pid ${pid}) ignored SIGTERM; killing it`);
+      }
+      await this.signal(pid, files, "SIGKILL");
+      if (!(await waitForExit(pid, files.pidFile, KILL_GRACE_MS))) {
+        throw new HypervisorError(`VM ${vmId}: QEMU (pid ${pid}) is still alive after SIGKILL`, {
+          hint: "The process may be stuck in the kernel (e.g. on I/O); check it with ps",
+        });
+      }
+      log.info(`VM ${vmId} killed`);
+    } finally {
+      if (attachment !== undefined) await this.detach(attachment);
+      if (pid === null || !(await isVmProcess(pid, files.pidFile))) {
+        // QEMU removes these when it exits normally, but not when it is killed.
+        await rm(files.qmpSocket, { force: true });
+        await rm(files.pidFile, { force: true });
+      }
+    }
+  }
+
+  private async livePid(
+    vmId: string,
+    files: VmFiles,
+    attachment: Attachment | undefined,
+  ): Promise<number | null> {
+    if (attachment !== undefined && (await isVmProcess(attachment.pid, files.pidFile))) {
+      return attachment.pid;
+    }
+    const fromFile = await readPidFile(files.pidFile);
+    if (fromFile !== null && (await isVmProcess(fromFile, files.pidFile))) {
+      log.debug(`VM ${vmId}: found its process ${fromFile} through ${files.pidFile}`);
+      return fromFile;
+    }
+    return null;
+  }
+
+  /** system_powerdown, then quit; true once the process is gone. */
+  private async shutDownByQmp(
+    vmId: string,
+    files: VmFiles,
+    pid: number,
+    attachment: Attachment | undefined,
+    timeoutMs: number,
+  ): Promise<boolean> {
+    let qmp = attachment?.qmp ?? null;
+    let ownConnection = false;
+    if (qmp === null || qmp.closed) {
+      qmp = await QmpClient.connect(files.qmpSocket, {
+        timeoutMs: 3000,
+        label: `VM ${vmId}`,
+      }).catch((error: unknown) => {
+        log.warn(`VM ${vmId}: no QMP connection for a graceful stop: ${messageOf(error)}`);
+        return null;
+      });
+      ownConnection = qmp !== null;
+    }
+    if (qmp === null) return false;
+    try {
+      try {
+        await qmp.execute("system_powerdown");
+        if (await waitForExit(pid, files.pidFile, timeoutMs)) {
+          log.info(`VM ${vmId} powered down`);
+          return true;
+        }
+        log.info(`VM ${vmId} did not power down within ${timeoutMs} ms; asking QEMU to quit`);
+      } catch (error) {
+        log.warn(`VM ${vmId}: system_powerdown failed: ${messageOf(error)}`);
+      }
+      // QEMU may exit before its reply to `quit` arrives; only the process going away counts.
+      await qmp.execute("quit", undefined, { timeoutMs: QUIT_GRACE_MS }).catch(() => undefined);
+      if (await waitForExit(pid, files.pidFile, QUIT_GRACE_MS)) {
+        log.info(`VM ${vmId} quit`);
+        return true;
+      }
+      log.warn(`VM ${vmId} (pid ${pid}) did not quit; sending SIGTERM`);
+      return false;
+    } finally {
+      if (ownConnection) await qmp.close();
+    }
+  }
+
+  /** Signals the VM's process, unless its pid has meanwhile been reused by another program. */
+  private async signal(pid: number, files: VmFiles, signal: NodeJS.Signals): Promise<void> {
+    if (!(await isVmProcess(pid, files.pidFile))) return;
+    try {
+      process.kill(pid, signal);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "ESRCH") {
+        throw new HypervisorError(
+          `Could not send ${signal} to QEMU (pid ${pid}): ${messageOf(error)}`,
+          {
+            cause: error,
+          },
+        );
+      }
+    }
+  }
+}

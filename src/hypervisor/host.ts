@@ -1,0 +1,339 @@
+// A host's VMs: ids, records, capacity, image checks and the lifecycle, shared
+// by every driver. It knows no broker: the agent command hands it requests.
+import { join } from "node:path";
+import { CommandError, DeclineError } from "../errors.ts";
+import { logger } from "../log.ts";
+import {
+  type CreateVmOptions,
+  type HostInfo,
+  type ParsedRequest,
+  Reasons,
+  type StopVmOptions,
+  type VmRecord,
+  type VmStatusReply,
+} from "../protocol/messages.ts";
+import type { RunInfo, VmDriver, VmSpec } from "./driver.ts";
+import { ImageStore } from "./images.ts";
+import { StateStore } from "./store.ts";
+
+const log = logger.withTag("host");
+
+export type HostOptions = {
+  hostId: string;
+  stateDir: string;
+  imagesDir: string;
+  /** Most VMs (running or stopped) this host keeps; null for no limit. */
+  maxVms: number | null;
+  /** Most MiB of memory reserved by this host's VMs; null for no limit. */
+  maxMemory: number | null;
+  driver: VmDriver;
+  stopTimeoutMs: number;
+  version: string;
+};
+
+export type RequestContext = {
+  /** The AMQP message id, used to recognise a redelivered create-vm. */
+  requestId?: string | undefined;
+};
+
+const ID_LETTERS = "abcdefghijklmnopqrstuvwxyz";
+const newVmId = (): string => {
+  const bytes = crypto.getRandomValues(new Uint8Array(8));
+  return Array.from(bytes, (byte) => ID_LETTERS[byte % 26]).join("");
+};
+
+const now = (): string => new Date().toISOString();
+
+export class Host {
+  readonly id: string;
+  readonly driver: VmDriver;
+  readonly images: ImageStore;
+  private readonly store: StateStore;
+  private readonly options: HostOptions;
+  private readonly startedAt = Date.now();
+  /** Per-VM queue of operations, so two commands for one VM never interleave. */
+  private readonly vmLocks = new Map<string, Promise<unknown>>();
+  private used = { vms: 0, memory: 0 };
+
+  private constructor(options: HostOptions, store: StateStore) {
+    this.id = options.hostId;
+    this.options = options;
+    this.store = store;
+    this.driver = options.driver;
+    this.images = new ImageStore(options.imagesDir);
+    for (const record of store.all()) this.account(record, 1);
+  }
+
+  /** Takes the state directory, reads it and reconciles every record with what really runs. */
+  static async open(options: HostOptions): Promise<Host> {
+    const store = await StateStore.open(options.stateDir, options.hostId);
+    const host = new Host(options, store);
+    try {
+      await host.reconcile();
+    } catch (error) {
+      await store.close();
+      throw error;
+    }
+    options.driver.onUnexpectedExit((vmId) => {
+      void host.markCrashed(vmId);
+    });
+    return host;
+  }
+
+  vmIds(): string[] {
+    return this.store.all().map((record) => record["vm-id"]);
+  }
+
+  /** Runs one request; throws CommandError for an error reply, DeclineError to hand a create on. */
+  async handle(request: ParsedRequest, context: RequestContext = {}): Promise<unknown> {
+    switch (request.command) {
+      case "create-vm":
+        return this.createVm(request.options, context);
+      case "list-vms":
+        return this.store.all();
+      case "list-hosts":
+        return this.info();
+      case "vm-info":
+        return this.record(request.options["vm-id"]);
+      case "start-vm":
+        return this.startVm(request.options["vm-id"]);
+      case "stop-vm":
+        return this.stopVm(request.options);
+      case "delete-vm":
+        return this.deleteVm(request.options["vm-id"]);
+    }
+  }
+
+  async info(): Promise<HostInfo> {
+    return {
+      host: this.id,
+      vms: this.store.size,
+      capacity: {
+        "max-vms": this.options.maxVms,
+        "max-memory": this.options.maxMemory,
+        "used-vms": this.used.vms,
+        "used-memory": this.used.memory,
+      },
+      version: this.options.version,
+      "uptime-s": Math.round((Date.now() - this.startedAt) / 1000),
+      driver: this.driver.name,
+      images: await this.images.list(),
+    };
+  }
+
+  async createVm(options: CreateVmOptions, context: RequestContext): Promise<VmStatusReply> {
+    if (context.requestId !== undefined) {
+      const earlier = this.store.byRequestId(context.requestId);
+      if (earlier !== undefined) {
+        log.info(`request ${context.requestId} was redelivered; VM ${earlier["vm-id"]} exists`);
+        return { status: "starting", "vm-id": earlier["vm-id"] };
+      }
+    }
+    await this.images.resolve(options.image);
+    // From here to put() nothing awaits, so two creates cannot both take the last slot.
+    this.assertCapacity(options.memory);
+    let id = newVmId();
+    while (this.store.has(id)) id = newVmId();
+    const at = now();
+    const record: VmRecord = {
+      "vm-id": id,
+      status: "creating",
+      image: options.image,
+      memory: options.memory,
+      cpus: options.cpus,
+      "created-at": at,
+      "updated-at": at,
+      host: this.id,
+      pid: null,
+      accelerator: null,
+      disk: null,
+      "console-log": null,
+      ...(options["init-script"] === undefined ? {} : { "init-script": true }),
+      ...(context.requestId === undefined ? {} : { "request-id": context.requestId }),
+    };
+    this.store.put(record);
+    this.account(record, 1);
+    return this.withVm(id, async () => {
+      // On disk before QEMU starts, so a crash never leaves a process without a record.
+      await this.store.flush();
+      try {
+        const run = await this.driver.create({
+          ...this.spec(record),
+          initScript: options["init-script"],
+        });
+        await this.save(id, { status: "running", ...runFields(run) });
+      } catch (error) {
+        log.error(`VM ${id} could not be created: ${String(error)}`);
+        await this.driver.destroy(this.spec(record)).catch(() => undefined);
+        this.forget(id);
+        await this.store.flush();
+        throw new CommandError(`Could not create VM from image "${options.image}": ${messageOf(error)}`);
+      }
+      return { status: "starting", "vm-id": id };
+    });
+  }
+
+  async startVm(vmId: string): Promise<VmStatusReply> {
+    return this.withVm(vmId, async () => {
+      const record = this.record(vmId);
+      if (record.status === "running") {
+        return { status: "starting", "vm-id": vmId, hint: `VM "${vmId}" was already started` };
+      }
+      this.assertSettled(record);
+      const run = await this.driver.start(this.spec(record)).catch((error: unknown) => {
+        throw new CommandError(`Could not start VM ${vmId}: ${messageOf(error)}`);
+      });
+      await this.save(vmId, { status: "running", "last-error": undefined, ...runFields(run) });
+      return { status: "starting", "vm-id": vmId };
+    });
+  }
+
+  async stopVm(options: StopVmOptions): Promise<VmStatusReply> {
+    const vmId = options["vm-id"];
+    const status = options.kill ? "killed" : "stopped";
+    return this.withVm(vmId, async () => {
+      const record = this.record(vmId);
+      if (record.status === "stopped" || record.status === "crashed") {
+        return { status, "vm-id": vmId, hint: `VM "${vmId}" was not running` };
+      }
+      this.assertSettled(record);
+      await this.save(vmId, { status: "stopping" });
+      try {
+        await this.driver.stop(this.spec(record), {
+          kill: options.kill,
+          timeoutMs: this.options.stopTimeoutMs,
+        });
+      } catch (error) {
+        await this.save(vmId, { status: "running", "last-error": messageOf(error) });
+        throw new CommandError(`Could not stop VM ${vmId}: ${messageOf(error)}`);
+      }
+      await this.save(vmId, { status: "stopped", pid: null });
+      return { status, "vm-id": vmId };
+    });
+  }
+
+  async deleteVm(vmId: string): Promise<VmStatusReply> {
+    return this.withVm(vmId, async () => {
+      const record = this.record(vmId);
+      await this.driver.destroy(this.spec(record)).catch((error: unknown) => {
+        throw new CommandError(`Could not delete VM ${vmId}: ${messageOf(error)}`);
+      });
+      this.forget(vmId);
+      await this.store.flush();
+      return { status: "deleted", "vm-id": vmId };
+    });
+  }
+
+  /** Detaches from every VM (they keep running) and releases the state directory. */
+  async close(): Promise<void> {
+    await Promise.allSettled([...this.vmLocks.values()]);
+    await this.driver.close();
+    await this.store.close();
+  }
+
+  private record(vmId: string): VmRecord {
+    const record = this.store.get(vmId);
+    if (record === undefined) throw new CommandError(Reasons.vmDoesNotExist);
+    return record;
+  }
+
+  private assertSettled(record: VmRecord): void {
+    if (record.status === "creating" || record.status === "stopping") {
+      throw new CommandError(
+        `VM ${record["vm-id"]} is ${record.status}; try again once that has finished`,
+      );
+    }
+  }
+
+  private spec(record: VmRecord): VmSpec {
+    return {
+      id: record["vm-id"],
+      image: record.image,
+      basePath: this.images.pathOf(record.image),
+      dir: join(this.options.stateDir, "vms", record["vm-id"]),
+      memory: record.memory,
+      cpus: record.cpus,
+    };
+  }
+
+  private async save(vmId: string, changes: Partial<VmRecord>): Promise<void> {
+    const record = this.store.get(vmId);
+    if (record === undefined) return;
+    const next: VmRecord = { ...record, ...changes, "updated-at": now() };
+    if (next["last-error"] === undefined) delete next["last-error"];
+    this.store.put(next);
+    await this.store.flush();
+  }
+
+  private forget(vmId: string): void {
+    const record = this.store.get(vmId);
+    if (record === undefined) return;
+    this.account(record, -1);
+    this.store.remove(vmId);
+  }
+
+  private async withVm<T>(vmId: string, operation: () => Promise<T>): Promise<T> {
+    const previous = this.vmLocks.get(vmId) ?? Promise.resolve();
+    const current = previous.catch(() => undefined).then(operation);
+    this.vmLocks.set(vmId, current);
+    try {
+      return await current;
+    } finally {
+      if (this.vmLocks.get(vmId) === current) this.vmLocks.delete(vmId);
+    }
+  }
+
+  private assertCapacity(memory: number): void {
+    const { maxVms, maxMemory } = this.options;
+    if (
+      (maxVms !== null && this.used.vms + 1 > maxVms) ||
+      (maxMemory !== null && this.used.memory + memory > maxMemory)
+    ) {
+      throw new DeclineError("capacity", Reasons.noCapacity);
+    }
+  }
+
+  private account(record: VmRecord, sign: 1 | -1): void {
+    this.used = { vms: this.used.vms + sign, memory: this.used.memory + sign * record.memory };
+  }
+
+  private async markCrashed(vmId: string): Promise<void> {
+    await this.withVm(vmId, async () => {
+      const record = this.store.get(vmId);
+      if (record === undefined || record.status !== "running") return;
+      log.warn(`VM ${vmId} stopped without being asked to; marking it crashed`);
+      await this.save(vmId, { status: "crashed", pid: null });
+    }).catch((error: unknown) => log.error(`Could not record that VM ${vmId} crashed: ${String(error)}`));
+  }
+
+  private async reconcile(): Promise<void> {
+    let changed = 0;
+    for (const record of this.store.all()) {
+      if (record.status === "stopped" || record.status === "crashed") continue;
+      const run = await this.driver
+        .reattach(this.spec(record), record.pid)
+        .catch((error: unknown) => {
+          log.warn(`Could not re-attach to VM ${record["vm-id"]}: ${String(error)}`);
+          return null;
+        });
+      const next: VmRecord = run
+        ? { ...record, status: "running", ...runFields(run) }
+        : { ...record, status: record.status === "stopping" ? "stopped" : "crashed", pid: null };
+      if (next.status !== record.status || next.pid !== record.pid) {
+        log.info(`VM ${record["vm-id"]}: ${record.status} → ${next.status}`);
+        this.store.put({ ...next, "updated-at": now() });
+        changed++;
+      }
+    }
+    if (changed > 0) await this.store.flush();
+  }
+}
+
+const runFields = (run: RunInfo): Partial<VmRecord> => ({
+  pid: run.pid,
+  accelerator: run.accelerator,
+  disk: run.disk,
+  "console-log": run.consoleLog,
+});
+
+const messageOf = (error: unknown): string => (error instanceof Error ? error.message : String(error));

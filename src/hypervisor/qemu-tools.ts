@@ -1,0 +1,185 @@
+// The small, stateless pieces around QEMU: finding its programs, probing
+// /dev/kvm, running qemu-img, and reading what /proc says about a process.
+import { spawn } from "node:child_process";
+import { accessSync, constants } from "node:fs";
+import { open, readFile } from "node:fs/promises";
+import * as v from "valibot";
+import { HypervisorError } from "../errors.ts";
+
+export const DEFAULT_QEMU_BINARY = "qemu-system-x86_64";
+export const DEFAULT_QEMU_IMG = "qemu-img";
+const INSTALL_HINT =
+  "Install QEMU with scripts/install-qemu.sh (Debian: qemu-system-x86 qemu-utils)";
+
+/** Resolves a program name on PATH (or checks an explicit path); throws a HypervisorError naming it. */
+export const findExecutable = (program: string): string => {
+  if (program.includes("/")) {
+    try {
+      accessSync(program, constants.X_OK);
+      return program;
+    } catch (error) {
+      throw new HypervisorError(`${program} is not an executable file`, {
+        hint: INSTALL_HINT,
+        cause: error,
+      });
+    }
+  }
+  const found = Bun.which(program);
+  if (found === null) {
+    throw new HypervisorError(`${program} was not found on PATH`, { hint: INSTALL_HINT });
+  }
+  return found;
+};
+
+/**
+ * Whether this process can open /dev/kvm read-write, which is what QEMU needs.
+ * The device node existing is not enough: containers often expose it without
+ * granting access, or without the kernel module behind it.
+ */
+export const kvmUsable = async (devicePath = "/dev/kvm"): Promise<boolean> => {
+  try {
+    const handle = await open(devicePath, "r+");
+    await handle.close();
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+export type ToolResult = {
+  code: number | null;
+  signal: string | null;
+  stdout: string;
+  stderr: string;
+};
+
+/** Runs a program from an argument array (never a shell) and collects its output. */
+export const runTool = (
+  argv: readonly [string, ...string[]],
+  options: { timeoutMs?: number } = {},
+): Promise<ToolResult> =>
+  new Promise((resolve, reject) => {
+    const [program, ...args] = argv;
+    const child = spawn(program, args, { stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (chunk: string) => {
+      stdout += chunk;
+    });
+    child.stderr.setEncoding("utf8").on("data", (chunk: string) => {
+      stderr += chunk;
+    });
+    const timeoutMs = options.timeoutMs ?? 60_000;
+    const timer = setTimeout(() => {
+      child.kill("SIGKILL");
+      reject(new HypervisorError(`${program} did not finish within ${timeoutMs} ms`));
+    }, timeoutMs);
+    child.on("error", (error) => {
+      clearTimeout(timer);
+      reject(new HypervisorError(`Could not run ${program}: ${error.message}`, { cause: error }));
+    });
+    child.on("close", (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+
+/** The last lines of a program's error output, enough to say what went wrong in one message. */
+export const tailOf = (text: string, lines = 6): string =>
+  text.trim().split("\n").slice(-lines).join("\n").trim();
+
+/** Makes `disk` a qcow2 overlay whose backing file is `base`, so the base image is never written. */
+export const createOverlay = async (qemuImg: string, base: string, disk: string): Promise<void> => {
+  const result = await runTool([qemuImg, "create", "-f", "qcow2", "-b", base, "-F", "qcow2", disk]);
+  if (result.code !== 0) {
+    throw new HypervisorError(
+      `qemu-img could not create the disk ${disk} on top of ${base}: ${tailOf(result.stderr) || `exit code ${result.code}`}`,
+      {
+        hint: `Check that ${base} is a readable qcow2 image and that the state directory is writable`,
+      },
+    );
+  }
+};
+
+// Only the fields we use; qemu-img prints many more, which are kept.
+export const ImageInfo = v.looseObject({
+  filename: v.string(),
+  format: v.string(),
+  "virtual-size": v.number(),
+  "backing-filename": v.optional(v.string()),
+  "full-backing-filename": v.optional(v.string()),
+  "backing-filename-format": v.optional(v.string()),
+});
+export type ImageInfo = v.InferOutput<typeof ImageInfo>;
+
+/** What `qemu-img info` says about one image file (not its backing chain). */
+export const readImageInfo = async (qemuImg: string, file: string): Promise<ImageInfo> => {
+  // -U: a running VM holds a write lock on its disk; reading its metadata is still safe.
+  const result = await runTool([qemuImg, "info", "-U", "--output=json", file]);
+  if (result.code !== 0) {
+    throw new HypervisorError(
+      `qemu-img could not read the image ${file}: ${tailOf(result.stderr) || `exit code ${result.code}`}`,
+    );
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(result.stdout);
+  } catch (error) {
+    throw new HypervisorError(`qemu-img printed something other than JSON for ${file}`, {
+      cause: error,
+    });
+  }
+  const parsed = v.safeParse(ImageInfo, json);
+  if (!parsed.success) {
+    throw new HypervisorError(
+      `qemu-img info for ${file} is not in the expected shape: ${v.summarize(parsed.issues)}`,
+    );
+  }
+  return parsed.output;
+};
+
+/** The arguments a process was started with, or null when it is gone or a zombie. */
+export const readCmdline = async (pid: number): Promise<string[] | null> => {
+  try {
+    const raw = await readFile(`/proc/${pid}/cmdline`, "utf8");
+    // A zombie has an empty command line: it is dead even though its pid still answers signals.
+    if (raw === "") return null;
+    const args = raw.split("\0");
+    if (args.at(-1) === "") args.pop();
+    return args;
+  } catch {
+    return null;
+  }
+};
+
+/** Whether a pid names a running (not zombie) process. */
+export const processAlive = async (pid: number): Promise<boolean> => {
+  try {
+    process.kill(pid, 0);
+  } catch (error) {
+    // EPERM: the process exists but belongs to someone else.
+    return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, "utf8");
+    // The state letter follows the command name, which is in parentheses and may itself contain ") ".
+    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
+    return state !== "Z" && state !== "X";
+  } catch {
+    return false;
+  }
+};
+
+/** Reads a pid file QEMU wrote; null when it is missing or does not hold a pid. */
+export const readPidFile = async (pidFile: string): Promise<number | null> => {
+  try {
+    const text = (await readFile(pidFile, "utf8")).trim();
+    const pid = Number(text);
+    return /^\d+$/.test(text) && pid > 0 ? pid : null;
+  } catch {
+    return null;
+  }
+};
+
+/** QEMU's option syntax separates `key=value` pairs with commas; a comma inside a value is doubled. */
+export const escapeOptionValue = (value: string): string => value.replaceAll(",", ",,");

@@ -1,0 +1,372 @@
+// The agent's side of the broker: keep a connection (reconnecting with
+// back-off), declare the topology, consume, run each request through the
+// handler it is given, reply, and only then acknowledge.
+import type { Channel, ChannelModel, ConfirmChannel, ConsumeMessage, Options } from "amqplib";
+import { AetherError, BrokerError, CommandError, DeclineError } from "../errors.ts";
+import { logger } from "../log.ts";
+import {
+  errorReply,
+  type ParsedRequest,
+  parseRequest,
+  Reasons,
+  type Reply,
+  successReply,
+  VM_COMMANDS,
+  vmRoute,
+} from "../protocol/messages.ts";
+import { connect, redactUrl } from "./connection.ts";
+import {
+  bindVm,
+  COMPETING_QUEUE,
+  declareAgentTopology,
+  EXCHANGE,
+  hostQueue,
+  unbindVm,
+} from "./topology.ts";
+
+const log = logger.withTag("agent");
+
+export type CommandHandler = {
+  handle(request: ParsedRequest, context: { requestId?: string | undefined }): Promise<unknown>;
+  /** Every VM this host holds, re-bound as `vm.<id>` after each (re)connect. */
+  vmIds(): string[];
+};
+
+export type AgentRouterOptions = {
+  url: string;
+  hostId: string;
+  handler: CommandHandler;
+  caFile?: string | undefined;
+  /** Unacknowledged create-vm messages one agent holds at once. */
+  competingPrefetch?: number;
+  /** Unacknowledged messages of this host's own queue held at once. */
+  hostPrefetch?: number;
+  connectTimeoutMs?: number;
+  heartbeatS?: number;
+};
+
+/** Headers a declining agent adds when it hands a create-vm on. */
+const DECLINED_HEADER = "x-aetherscale-declined";
+const DEADLINE_HEADER = "x-aetherscale-deadline";
+const HOPS_HEADER = "x-aetherscale-hops";
+
+type Session = {
+  model: ChannelModel;
+  consume: Channel;
+  publish: ConfirmChannel;
+  ops: Channel;
+  consumerTags: string[];
+  alive: boolean;
+};
+
+const isVmCommand = (command: string): command is (typeof VM_COMMANDS)[number] =>
+  (VM_COMMANDS as readonly string[]).includes(command);
+
+/**
+ * Why a message may not run, if the route it came by disagrees with its body:
+ * create-vm only by `create-vm`; a VM command by its own name or by `vm.<id>`
+ * of the same id; anything else by its own name.
+ */
+export const routeMismatch = (request: ParsedRequest, routingKey: string): string | null => {
+  if (routingKey === request.command) return null;
+  if (isVmCommand(request.command)) {
+    const vmId = (request.options as { "vm-id": string })["vm-id"];
+    if (routingKey === vmRoute(vmId)) return null;
+  }
+  return `Refused: the message came by route "${routingKey.slice(0, 80)}" but asks for ${request.command}; nothing was run`;
+};
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+export class AgentRouter {
+  private readonly options: AgentRouterOptions;
+  private session: Session | null = null;
+  private readonly inFlight = new Set<Promise<void>>();
+  private stopping = false;
+  private reconnecting: Promise<void> | null = null;
+
+  constructor(options: AgentRouterOptions) {
+    this.options = options;
+  }
+
+  get hostId(): string {
+    return this.options.hostId;
+  }
+
+  get connected(): boolean {
+    return this.session?.alive === true;
+  }
+
+  /** Connects and starts consuming; an unreachable broker is retried, a refusal is fatal. */
+  async start(): Promise<void> {
+    await this.connectWithRetry(true);
+  }
+
+  /** No new messages; finishes the ones in flight, then closes the connection. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    const session = this.session;
+    if (session?.alive) {
+      for (const tag of session.consumerTags) {
+        await session.consume.cancel(tag).catch(() => undefined);
+      }
+    }
+    await Promise.allSettled([...this.inFlight]);
+    if (session?.alive) {
+      session.alive = false;
+      await session.model.close().catch(() => undefined);
+    }
+    this.session = null;
+  }
+
+  private async connectWithRetry(first: boolean): Promise<void> {
+    let delay = 500;
+    for (let attempt = 1; !this.stopping; attempt++) {
+      try {
+        await this.open();
+        if (!first) log.success(`reconnected to ${redactUrl(this.options.url)}`);
+        return;
+      } catch (error) {
+        if (first && error instanceof AetherError && isFatal(error)) throw error;
+        const text = error instanceof AetherError ? error.message : String(error);
+        const wait = Math.round(delay * (0.8 + Math.random() * 0.4));
+        log.warn(`${text}; retrying in ${(wait / 1000).toFixed(1)} s (attempt ${attempt})`);
+        await sleep(wait);
+        delay = Math.min(delay * 2, 15_000);
+      }
+    }
+  }
+
+  private async open(): Promise<void> {
+    const model = await connect(this.options.url, {
+      timeoutMs: this.options.connectTimeoutMs ?? 10_000,
+      name: `aetherscale agent ${this.options.hostId}`,
+      caFile: this.options.caFile,
+      ...(this.options.heartbeatS === undefined ? {} : { heartbeatS: this.options.heartbeatS }),
+    });
+    let session: Session | null = null;
+    // A failure while setting up must not leave a half-open connection behind.
+    try {
+      model.on("error", (error: Error) => log.warn(`broker connection error: ${error.message}`));
+      const [consume, publish, ops] = await Promise.all([
+        model.createChannel(),
+        model.createConfirmChannel(),
+        model.createChannel(),
+      ]);
+      session = { model, consume, publish, ops, consumerTags: [], alive: true };
+      const current = session;
+      for (const channel of [consume, publish, ops]) {
+        channel.on("error", (error: Error) => log.warn(`broker channel error: ${error.message}`));
+      }
+      model.on("close", () => this.onClosed(current));
+      await declareAgentTopology(ops, this.options.hostId);
+      await this.rebindVms(ops);
+      await consume.prefetch(this.options.competingPrefetch ?? 8);
+      const competing = await consume.consume(COMPETING_QUEUE, (msg) => this.dispatch(current, msg));
+      await consume.prefetch(this.options.hostPrefetch ?? 32);
+      const own = await consume
+        .consume(hostQueue(this.options.hostId), (msg) => this.dispatch(current, msg), {
+          exclusive: true,
+        })
+        .catch((error: unknown) => {
+          throw /exclusive|ACCESS.REFUSED|403/i.test(String(error))
+            ? new BrokerError(
+                `Another agent with host id "${this.options.hostId}" is already connected to the broker`,
+                { hint: "Give every host its own --host-id.", cause: error },
+              )
+            : error;
+        });
+      session.consumerTags = [competing.consumerTag, own.consumerTag];
+      this.session = session;
+      log.info(
+        `host ${this.options.hostId} consuming ${COMPETING_QUEUE} and ${hostQueue(this.options.hostId)} at ${redactUrl(this.options.url)}`,
+      );
+    } catch (error) {
+      if (session) session.alive = false;
+      await model.close().catch(() => undefined);
+      throw error;
+    }
+  }
+
+  private async rebindVms(ops: Channel): Promise<void> {
+    const ids = this.options.handler.vmIds();
+    await Promise.all(ids.map((id) => bindVm(ops, this.options.hostId, id)));
+    if (ids.length > 0) log.info(`re-bound ${ids.length} VM route(s)`);
+  }
+
+  private onClosed(session: Session): void {
+    if (!session.alive) return;
+    session.alive = false;
+    if (this.session === session) this.session = null;
+    if (this.stopping) return;
+    log.warn("lost the connection to the broker; reconnecting");
+    this.reconnecting ??= this.connectWithRetry(false).finally(() => {
+      this.reconnecting = null;
+    });
+  }
+
+  private dispatch(session: Session, msg: ConsumeMessage | null): void {
+    if (msg === null) {
+      log.warn("the broker cancelled our consumer; reconnecting");
+      void session.model.close().catch(() => undefined);
+      return;
+    }
+    const work = this.process(session, msg).catch((error: unknown) => {
+      log.error(`failed to handle a message: ${String(error)}`);
+    });
+    this.inFlight.add(work);
+    void work.finally(() => this.inFlight.delete(work));
+  }
+
+  private async process(session: Session, msg: ConsumeMessage): Promise<void> {
+    const host = this.options.hostId;
+    const parsed = parseRequest(msg.content);
+    let reply: Reply;
+    if (!parsed.ok) {
+      log.debug(`invalid message by ${msg.fields.routingKey}: ${parsed.reason}`);
+      reply = errorReply(host, parsed.reason);
+    } else {
+      const request = parsed.request;
+      const mismatch = routeMismatch(request, msg.fields.routingKey);
+      if (mismatch !== null) {
+        reply = errorReply(host, mismatch);
+      } else {
+        try {
+          const response = await this.options.handler.handle(request, {
+            requestId: msg.properties.messageId || undefined,
+          });
+          await this.updateRoutes(session, request, response);
+          reply = successReply(host, response);
+        } catch (error) {
+          if (error instanceof DeclineError && request.command === "create-vm") {
+            await this.handOn(session, msg, error, request.options.image);
+            return;
+          }
+          if (error instanceof CommandError || error instanceof DeclineError) {
+            reply = errorReply(host, error.message);
+          } else {
+            log.error(`${request.command} failed: ${String(error)}`);
+            reply = errorReply(host, `Internal error on host ${host}: ${String(error)}`);
+          }
+        }
+      }
+    }
+    await this.reply(session, msg, reply);
+    this.ack(session, msg);
+  }
+
+  private async updateRoutes(
+    session: Session,
+    request: ParsedRequest,
+    response: unknown,
+  ): Promise<void> {
+    if (request.command === "create-vm") {
+      const vmId = (response as { "vm-id": string })["vm-id"];
+      await bindVm(session.ops, this.options.hostId, vmId);
+    } else if (request.command === "delete-vm") {
+      await unbindVm(session.ops, this.options.hostId, request.options["vm-id"]);
+    }
+  }
+
+  private async reply(session: Session, msg: ConsumeMessage, reply: Reply): Promise<void> {
+    const replyTo = msg.properties.replyTo as string | undefined;
+    if (!replyTo) return;
+    const options: Options.Publish = { contentType: "application/json" };
+    if (msg.properties.correlationId) options.correlationId = msg.properties.correlationId;
+    await this.publish(session, "", replyTo, Buffer.from(JSON.stringify(reply)), options);
+  }
+
+  private publish(
+    session: Session,
+    exchange: string,
+    routingKey: string,
+    body: Buffer,
+    options: Options.Publish,
+  ): Promise<void> {
+    return new Promise((resolve, reject) => {
+      try {
+        session.publish.publish(exchange, routingKey, body, options, (error: unknown) =>
+          error ? reject(error instanceof Error ? error : new Error(String(error))) : resolve(),
+        );
+      } catch (error) {
+        reject(error);
+      }
+    });
+  }
+
+  private ack(session: Session, msg: ConsumeMessage): void {
+    // On a dead connection the broker has already requeued the message; the
+    // redelivery is recognised by its message id.
+    if (session.alive) session.consume.ack(msg);
+  }
+
+  /**
+   * This host cannot take the create-vm: pass it back to the competing queue
+   * with our name added, unless every live host has now declined it, in which
+   * case the client gets the error at once.
+   */
+  private async handOn(
+    session: Session,
+    msg: ConsumeMessage,
+    decline: DeclineError,
+    image: string,
+  ): Promise<void> {
+    const headers: Record<string, unknown> = { ...(msg.properties.headers ?? {}) };
+    const declined = new Map<string, string>();
+    const previous = headers[DECLINED_HEADER];
+    if (Array.isArray(previous)) {
+      for (const entry of previous) {
+        const [host, kind] = String(entry).split(":");
+        if (host && kind) declined.set(host, kind);
+      }
+    }
+    declined.set(this.options.hostId, decline.kind);
+    const hops = (Number(headers[HOPS_HEADER]) || 0) + 1;
+    const live = (await session.ops.checkQueue(COMPETING_QUEUE)).consumerCount;
+    const now = Date.now();
+    let deadline = Number(headers[DEADLINE_HEADER]);
+    if (!Number.isFinite(deadline) && msg.properties.expiration !== undefined) {
+      deadline = now + Number(msg.properties.expiration);
+    }
+    if (Number.isFinite(deadline) && deadline <= now) {
+      log.debug("a declined create-vm expired before any host took it");
+      this.ack(session, msg);
+      return;
+    }
+    if (declined.size >= live || hops > 10 + 4 * live) {
+      const kinds = [...declined.values()];
+      const reason = kinds.includes("capacity")
+        ? Reasons.noCapacity
+        : Reasons.imageDoesNotExist(image);
+      await this.reply(session, msg, errorReply(this.options.hostId, reason));
+      this.ack(session, msg);
+      return;
+    }
+    headers[DECLINED_HEADER] = [...declined].map(([host, kind]) => `${host}:${kind}`);
+    headers[HOPS_HEADER] = hops;
+    // Only the properties a request uses are carried over: a user-id set by the
+    // client would make the broker refuse our publish.
+    const { contentType, correlationId, replyTo, messageId, timestamp, type, appId } =
+      msg.properties;
+    const options: Options.Publish = {
+      contentType,
+      correlationId,
+      replyTo,
+      messageId,
+      timestamp,
+      type,
+      appId,
+      headers,
+    };
+    if (Number.isFinite(deadline)) {
+      headers[DEADLINE_HEADER] = deadline;
+      options.expiration = String(Math.max(1, deadline - now));
+    }
+    await this.publish(session, EXCHANGE, "create-vm", msg.content, options);
+    this.ack(session, msg);
+  }
+}
+
+/** Errors that retrying will not cure: wrong credentials, vhost, TLS, a duplicate host id. */
+const isFatal = (error: AetherError): boolean =>
+  /refused the login|virtual host|TLS|already connected|Invalid AMQP URL|CA file/.test(error.message);

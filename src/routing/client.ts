@@ -1,0 +1,200 @@
+// The client's side of the broker: send a request the way DESIGN §3 routes it
+// and collect the replies over RabbitMQ's direct reply-to.
+import type { Channel, ChannelModel, ConsumeMessage, Message } from "amqplib";
+import * as v from "valibot";
+import { BrokerError } from "../errors.ts";
+import { logger } from "../log.ts";
+import {
+  describeIssues,
+  errorReply,
+  Reasons,
+  Reply,
+  type Request,
+  vmRoute,
+} from "../protocol/messages.ts";
+import { connect, redactUrl } from "./connection.ts";
+import { COMPETING_QUEUE, EXCHANGE } from "./topology.ts";
+
+const log = logger.withTag("client");
+const DIRECT_REPLY_TO = "amq.rabbitmq.reply-to";
+
+export type ClientOptions = {
+  url: string;
+  /** How long to wait for answers; also the messages' expiration. */
+  timeoutMs: number;
+  caFile?: string | undefined;
+};
+
+export type Gathered = {
+  replies: Reply[];
+  /** How many agents were live when the request went out. */
+  expected: number;
+  /** How many of them did not answer in time. */
+  missing: number;
+};
+
+type Pending = {
+  replies: Reply[];
+  expected: number;
+  done: () => void;
+};
+
+export class Client {
+  private readonly model: ChannelModel;
+  private readonly channel: Channel;
+  private readonly options: ClientOptions;
+  private readonly pending = new Map<string, Pending>();
+  private readonly returned = new Map<string, () => void>();
+
+  private constructor(model: ChannelModel, channel: Channel, options: ClientOptions) {
+    this.model = model;
+    this.channel = channel;
+    this.options = options;
+  }
+
+  static async connect(options: ClientOptions): Promise<Client> {
+    const model = await connect(options.url, {
+      timeoutMs: options.timeoutMs,
+      name: "aetherscale client",
+      caFile: options.caFile,
+    });
+    try {
+      model.on("error", (error: Error) => log.debug(`connection error: ${error.message}`));
+      const channel = await model.createChannel();
+      channel.on("error", (error: Error) => log.debug(`channel error: ${error.message}`));
+      const client = new Client(model, channel, options);
+      channel.on("return", (msg: Message) => client.onReturn(msg));
+      await channel.consume(DIRECT_REPLY_TO, (msg) => client.onReply(msg), { noAck: true });
+      return client;
+    } catch (error) {
+      await model.close().catch(() => undefined);
+      throw new BrokerError(`The broker at ${redactUrl(options.url)} refused our channel: ${String(error)}`);
+    }
+  }
+
+  get url(): string {
+    return this.options.url;
+  }
+
+  get timeoutMs(): number {
+    return this.options.timeoutMs;
+  }
+
+  /** How many agents consume create-vm right now: one per live host. */
+  async liveAgents(): Promise<number> {
+    // A passive declare of a missing queue closes its channel, so it gets its own.
+    const channel = await this.model.createChannel();
+    channel.on("error", () => undefined);
+    try {
+      return (await channel.checkQueue(COMPETING_QUEUE)).consumerCount;
+    } catch {
+      return 0;
+    } finally {
+      await channel.close().catch(() => undefined);
+    }
+  }
+
+  /** A command for one VM, to the one host that holds it (`vm.<id>`, mandatory). */
+  async toVm(request: Request, vmId: string): Promise<Reply> {
+    const gathered = await this.send(request, vmRoute(vmId), 1, true);
+    return (
+      gathered.replies[0] ??
+      errorReply(
+        "",
+        `The host that holds VM ${vmId} did not answer within ${this.seconds()} s; its agent may be down`,
+      )
+    );
+  }
+
+  /** create-vm to the competing queue: the first host with room takes it. */
+  async create(request: Request): Promise<Reply> {
+    if ((await this.liveAgents()) === 0) throw this.noAgents();
+    const gathered = await this.send(request, "create-vm", 1, true);
+    return (
+      gathered.replies[0] ??
+      errorReply("", `No host answered the create-vm within ${this.seconds()} s`)
+    );
+  }
+
+  /** A broadcast answered by every live host; returns once all of them have. */
+  async gather(request: Request): Promise<Gathered> {
+    const expected = await this.liveAgents();
+    if (expected === 0) throw this.noAgents();
+    return this.send(request, request.command, expected, false);
+  }
+
+  async close(): Promise<void> {
+    await this.model.close().catch(() => undefined);
+  }
+
+  private seconds(): string {
+    return (this.options.timeoutMs / 1000).toString();
+  }
+
+  private noAgents(): BrokerError {
+    return new BrokerError(`No aetherscale agent is connected to ${redactUrl(this.options.url)}`, {
+      hint: "Start one with `aetherscale agent`, and check that it uses the same AMQP URL and vhost.",
+    });
+  }
+
+  private send(
+    request: Request,
+    routingKey: string,
+    expected: number,
+    mandatory: boolean,
+  ): Promise<Gathered> {
+    const id = crypto.randomUUID();
+    return new Promise<Gathered>((resolve) => {
+      const replies: Reply[] = [];
+      const finish = () => {
+        clearTimeout(timer);
+        this.pending.delete(id);
+        this.returned.delete(id);
+        resolve({ replies, expected, missing: Math.max(0, expected - replies.length) });
+      };
+      const timer = setTimeout(finish, this.options.timeoutMs);
+      this.pending.set(id, { replies, expected, done: finish });
+      if (mandatory) {
+        this.returned.set(id, () => {
+          replies.push(errorReply("", Reasons.vmDoesNotExist));
+          finish();
+        });
+      }
+      this.channel.publish(EXCHANGE, routingKey, Buffer.from(JSON.stringify(request)), {
+        contentType: "application/json",
+        replyTo: DIRECT_REPLY_TO,
+        correlationId: id,
+        messageId: id,
+        expiration: String(this.options.timeoutMs),
+        mandatory,
+      });
+    });
+  }
+
+  private onReply(msg: ConsumeMessage | null): void {
+    if (msg === null) return;
+    const id = msg.properties.correlationId as string | undefined;
+    const pending = id === undefined ? undefined : this.pending.get(id);
+    if (pending === undefined) return;
+    pending.replies.push(parseReply(msg.content));
+    if (pending.replies.length >= pending.expected) pending.done();
+  }
+
+  private onReturn(msg: Message): void {
+    const id = msg.properties.correlationId as string | undefined;
+    if (id !== undefined) this.returned.get(id)?.();
+  }
+}
+
+const parseReply = (content: Buffer): Reply => {
+  let json: unknown;
+  try {
+    json = JSON.parse(content.toString("utf8"));
+  } catch {
+    return errorReply("", "A host sent a reply that is not JSON");
+  }
+  const parsed = v.safeParse(Reply, json);
+  return parsed.success
+    ? parsed.output
+    : errorReply("", `A host sent an invalid reply: ${describeIssues(parsed.issues)}`);
+};
