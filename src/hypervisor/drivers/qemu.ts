@@ -291,8 +291,12 @@ export class QemuDriver implements VmDriver {
     pid: number | null,
   ): Promise<RunInfo | null> {
     const attached = this.attachments.get(spec.id);
-    if (attached !== undefined && (await isVmProcess(attached.pid, files.pidFile))) {
-      return attached.run;
+    if (attached !== undefined) {
+      if (await isVmProcess(attached.pid, files.pidFile)) return attached.run;
+      // Dead, and the caller is about to boot or forget it: that old death must not be
+      // reported later, when it would be taken for the death of the new process.
+      attached.expectingExit = true;
+      await this.detach(attached);
     }
     const candidates = [pid, await readPidFile(files.pidFile)].filter(
       (candidate): candidate is number => candidate !== null,
@@ -319,7 +323,6 @@ export class QemuDriver implements VmDriver {
         disk: files.disk,
         consoleLog: files.consoleLog,
       };
-      if (attached !== undefined) await this.detach(attached);
       this.attach(spec.id, files, candidate, qmp, run);
       log.info(`re-attached to VM ${spec.id} (pid ${candidate}, ${accelerator})`);
       return run;
@@ -408,7 +411,14 @@ export class QemuDriver implements VmDriver {
     await rm(files.pidFile, { force: true });
     const args = this.qemuArguments(spec, files, accel, await exists(files.initScript));
     log.debug(`VM ${spec.id}: ${qemuBinary} ${args.join(" ")}`);
-    const daemonized = await this.spawnDaemon(spec.id, qemuBinary, args);
+    const daemonized = await this.spawnDaemon(spec.id, qemuBinary, args).catch(
+      async (error: unknown) => {
+        // A QEMU that hung while starting may already have written its pid file.
+        const pid = await readPidFile(files.pidFile);
+        if (pid !== null) await this.signal(pid, files, "SIGKILL");
+        throw error;
+      },
+    );
     if (daemonized.code !== 0) {
       throw new HypervisorError(
         `QEMU could not start VM ${spec.id} (${accel}): ${tailOf(daemonized.stderr) || `exit code ${daemonized.code}, signal ${daemonized.signal}`}`,
@@ -536,6 +546,11 @@ export class QemuDriver implements VmDriver {
     qmp: QmpClient | null,
     run: RunInfo,
   ): void {
+    const previous = this.attachments.get(vmId);
+    if (previous !== undefined) {
+      previous.expectingExit = true;
+      void this.detach(previous);
+    }
     const attachment: Attachment = {
       vmId,
       pid,
@@ -643,7 +658,10 @@ export class QemuDriver implements VmDriver {
     return null;
   }
 
-  /** system_powerdown, then quit; true once the process is gone. */
+  /**
+   * system_powerdown, then quit; true once the process is gone. The power-down
+   * phase, QMP connection included, keeps to `timeoutMs` even when QEMU is hung.
+   */
   private async shutDownByQmp(
     vmId: string,
     files: VmFiles,
@@ -651,11 +669,13 @@ export class QemuDriver implements VmDriver {
     attachment: Attachment | undefined,
     timeoutMs: number,
   ): Promise<boolean> {
+    const powerDownDeadline = Date.now() + timeoutMs;
+    const powerDownLeft = () => Math.max(0, powerDownDeadline - Date.now());
     let qmp = attachment?.qmp ?? null;
     let ownConnection = false;
     if (qmp === null || qmp.closed) {
       qmp = await QmpClient.connect(files.qmpSocket, {
-        timeoutMs: 3000,
+        timeoutMs: Math.max(500, Math.min(3000, powerDownLeft())),
         label: `VM ${vmId}`,
       }).catch((error: unknown) => {
         log.warn(`VM ${vmId}: no QMP connection for a graceful stop: ${messageOf(error)}`);
@@ -666,8 +686,10 @@ export class QemuDriver implements VmDriver {
     if (qmp === null) return false;
     try {
       try {
-        await qmp.execute("system_powerdown");
-        if (await waitForExit(pid, files.pidFile, timeoutMs)) {
+        await qmp.execute("system_powerdown", undefined, {
+          timeoutMs: Math.max(500, powerDownLeft()),
+        });
+        if (await waitForExit(pid, files.pidFile, powerDownLeft())) {
           log.info(`VM ${vmId} powered down`);
           return true;
         }
@@ -675,9 +697,10 @@ export class QemuDriver implements VmDriver {
       } catch (error) {
         log.warn(`VM ${vmId}: system_powerdown failed: ${messageOf(error)}`);
       }
+      const quitDeadline = Date.now() + QUIT_GRACE_MS;
       // QEMU may exit before its reply to `quit` arrives; only the process going away counts.
       await qmp.execute("quit", undefined, { timeoutMs: QUIT_GRACE_MS }).catch(() => undefined);
-      if (await waitForExit(pid, files.pidFile, QUIT_GRACE_MS)) {
+      if (await waitForExit(pid, files.pidFile, Math.max(0, quitDeadline - Date.now()))) {
         log.info(`VM ${vmId} quit`);
         return true;
       }
