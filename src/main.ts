@@ -16,9 +16,9 @@ const root = defineCommand({
   subCommands: commands,
 });
 
-type Resolved = { command: CommandDef; parent: CommandDef | undefined; rest: string[] };
+type Resolved = { command: CommandDef; path: string[]; rest: string[] };
 
-const resolveValue = async <T,>(value: T | (() => T | Promise<T>) | Promise<T>): Promise<T> =>
+const resolveValue = async <T>(value: T | (() => T | Promise<T>) | Promise<T>): Promise<T> =>
   typeof value === "function" ? await (value as () => T | Promise<T>)() : await value;
 
 const isValueFlag = (flag: string, args: ArgsDef): boolean => {
@@ -30,11 +30,11 @@ const isValueFlag = (flag: string, args: ArgsDef): boolean => {
 /** Walks sub-commands the way citty does, to find the one that will run. */
 const resolveCommand = async (rawArgs: string[]): Promise<Resolved> => {
   let command: CommandDef = root as CommandDef;
-  let parent: CommandDef | undefined;
+  const path: string[] = [];
   let rest = rawArgs;
   for (;;) {
     const subCommands = await resolveValue(command.subCommands);
-    if (!subCommands) return { command, parent, rest };
+    if (!subCommands) return { command, path, rest };
     const args = (await resolveValue(command.args)) ?? {};
     let index = -1;
     for (let i = 0; i < rest.length; i++) {
@@ -48,13 +48,13 @@ const resolveCommand = async (rawArgs: string[]): Promise<Resolved> => {
       break;
     }
     const name = index >= 0 ? rest[index] : undefined;
-    if (name === undefined) return { command, parent, rest };
+    if (name === undefined) return { command, path, rest };
     const loader = subCommands[name];
     if (loader === undefined) {
       const known = Object.keys(subCommands).join(", ");
       throw new UsageError(`Unknown command "${name.slice(0, 40)}"`, `Known commands: ${known}.`);
     }
-    parent = command;
+    path.push(name);
     command = (await resolveValue(loader)) as CommandDef;
     rest = rest.slice(index + 1);
   }
@@ -82,8 +82,12 @@ const rejectUnknownFlags = async ({ command, rest }: Resolved): Promise<void> =>
   }
 };
 
-const usage = async (resolved: Resolved): Promise<string> =>
-  renderUsage(resolved.command, resolved.parent);
+const usage = async ({ command, path }: Resolved): Promise<string> =>
+  path.length === 0
+    ? renderUsage(command)
+    : renderUsage(command, {
+        meta: { name: ["aetherscale", ...path.slice(0, -1)].join(" "), version: VERSION },
+      });
 
 const main = async (rawArgs: string[]): Promise<number> => {
   if (rawArgs.length === 1 && (rawArgs[0] === "--version" || rawArgs[0] === "-v")) {

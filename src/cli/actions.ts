@@ -122,7 +122,9 @@ export const createVm = async (flags: CreateFlags, json: boolean): Promise<void>
       ...(flags.memory === undefined
         ? {}
         : { memory: integerArg("memory", flags.memory, { min: 16, max: 1024 * 1024 }) }),
-      ...(flags.cpus === undefined ? {} : { cpus: integerArg("cpus", flags.cpus, { min: 1, max: 256 }) }),
+      ...(flags.cpus === undefined
+        ? {}
+        : { cpus: integerArg("cpus", flags.cpus, { min: 1, max: 256 }) }),
       ...(initScript === undefined ? {} : { "init-script": initScript }),
     },
   };

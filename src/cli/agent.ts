@@ -1,11 +1,11 @@
 // `aetherscale agent`: wires this host's hypervisor to the routing consumer,
 // and stops cleanly on SIGINT/SIGTERM (no new messages, in-flight ones
 // finished, VMs left running).
-import { hostname, homedir, totalmem } from "node:os";
+import { homedir, hostname, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { UsageError } from "../errors.ts";
-import { FakeDriver } from "../hypervisor/drivers/fake.ts";
 import type { VmDriver } from "../hypervisor/driver.ts";
+import { FakeDriver } from "../hypervisor/drivers/fake.ts";
 import { Host } from "../hypervisor/host.ts";
 import { logger } from "../log.ts";
 import { HOST_ID_PATTERN } from "../protocol/messages.ts";
@@ -25,6 +25,7 @@ export type AgentFlags = {
   "stop-timeout"?: string;
   "amqp-url"?: string;
   "amqp-ca"?: string;
+  "fake-boot-ms"?: string;
 };
 
 export const defaultHostId = (): string =>
@@ -33,15 +34,20 @@ export const defaultHostId = (): string =>
     .replace(/^[^A-Za-z0-9]+/, "")
     .slice(0, 64) || "host";
 
-const dataHome = (): string =>
-  process.env.XDG_DATA_HOME || join(homedir(), ".local", "share");
+const dataHome = (): string => process.env.XDG_DATA_HOME || join(homedir(), ".local", "share");
 
 export const defaultImagesDir = (): string => join(dataHome(), "aetherscale", "images");
 export const defaultStateDir = (hostId: string): string =>
   join(process.env.XDG_STATE_HOME || join(homedir(), ".local", "state"), "aetherscale", hostId);
 
-const makeDriver = async (name: string): Promise<VmDriver> => {
-  if (name === "fake") return new FakeDriver();
+const makeDriver = async (name: string, flags: AgentFlags): Promise<VmDriver> => {
+  if (name === "fake") {
+    const bootMs = integerArg("fake-boot-ms", flags["fake-boot-ms"] ?? "0", {
+      min: 0,
+      max: 600_000,
+    });
+    return new FakeDriver({ bootMs });
+  }
   if (name === "qemu") {
     const { QemuDriver } = await import("../hypervisor/drivers/qemu.ts");
     return new QemuDriver();
@@ -84,7 +90,7 @@ export const runAgent = async (flags: AgentFlags): Promise<void> => {
   const url = resolveAmqpUrl(flags["amqp-url"]);
 
   const signal = waitForSignal();
-  const driver = await makeDriver(driverName);
+  const driver = await makeDriver(driverName, flags);
   const host = await Host.open({
     hostId,
     stateDir,

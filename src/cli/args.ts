@@ -11,7 +11,8 @@ export const connectionArgs = {
   },
   "amqp-ca": {
     type: "string",
-    description: "PEM file of the CA that signed the broker's TLS certificate (env AETHERSCALE_AMQP_CA)",
+    description:
+      "PEM file of the CA that signed the broker's TLS certificate (env AETHERSCALE_AMQP_CA)",
     valueHint: "file",
   },
   verbose: { type: "boolean", description: "Log what happens, to stderr", default: false },
@@ -84,7 +85,12 @@ export const vmIdFlag = {
 
 export const createArgs = {
   ...clientArgs,
-  image: { type: "string", description: "Name of the base image", required: true, valueHint: "name" },
+  image: {
+    type: "string",
+    description: "Name of the base image",
+    required: true,
+    valueHint: "name",
+  },
   memory: { type: "string", description: "Memory in MiB (default 256)", valueHint: "MiB" },
   cpus: { type: "string", description: "Virtual CPUs (default 1)", valueHint: "n" },
   "init-script": {
@@ -100,10 +106,15 @@ export const killArg = {
 
 export const agentArgs = {
   ...connectionArgs,
-  "host-id": { type: "string", description: "This host's id (default: the hostname)", valueHint: "id" },
+  "host-id": {
+    type: "string",
+    description: "This host's id (default: the hostname)",
+    valueHint: "id",
+  },
   "state-dir": {
     type: "string",
-    description: "Where the state file and VM directories live (default ~/.local/state/aetherscale/<host-id>)",
+    description:
+      "Where the state file and VM directories live (default ~/.local/state/aetherscale/<host-id>)",
     valueHint: "dir",
   },
   "images-dir": {
@@ -111,7 +122,11 @@ export const agentArgs = {
     description: "Where base images <name>.qcow2 live (default ~/.local/share/aetherscale/images)",
     valueHint: "dir",
   },
-  "max-vms": { type: "string", description: "Most VMs this host keeps (default: no limit)", valueHint: "n" },
+  "max-vms": {
+    type: "string",
+    description: "Most VMs this host keeps (default: no limit)",
+    valueHint: "n",
+  },
   "max-memory": {
     type: "string",
     description: "Most MiB of VM memory this host reserves (default: its RAM; no limit with fake)",
@@ -128,5 +143,11 @@ export const agentArgs = {
     description: "Seconds a graceful stop waits for the guest before escalating",
     default: "30",
     valueHint: "seconds",
+  },
+  "fake-boot-ms": {
+    type: "string",
+    description: "With --driver fake: milliseconds a simulated VM takes to boot",
+    default: "0",
+    valueHint: "ms",
   },
 } as const satisfies ArgsDef;

@@ -42,7 +42,8 @@ export const report = (
   const errors: Reply[] = [];
   for (const reply of replies) {
     const info = reply["execution-info"];
-    if (info.status === "success") successes.push({ host: hostOf(reply), response: reply.response });
+    if (info.status === "success")
+      successes.push({ host: hostOf(reply), response: reply.response });
     else errors.push(reply);
   }
   if (options.json) {

@@ -80,6 +80,10 @@ export class Host {
     return host;
   }
 
+  knowsRequest(requestId: string): boolean {
+    return this.store.byRequestId(requestId) !== undefined;
+  }
+
   vmIds(): string[] {
     return this.store.all().map((record) => record["vm-id"]);
   }
@@ -167,7 +171,9 @@ export class Host {
         await this.driver.destroy(this.spec(record)).catch(() => undefined);
         this.forget(id);
         await this.store.flush();
-        throw new CommandError(`Could not create VM from image "${options.image}": ${messageOf(error)}`);
+        throw new CommandError(
+          `Could not create VM from image "${options.image}": ${messageOf(error)}`,
+        );
       }
       return { status: "starting", "vm-id": id };
     });
@@ -303,7 +309,9 @@ export class Host {
       if (record === undefined || record.status !== "running") return;
       log.warn(`VM ${vmId} stopped without being asked to; marking it crashed`);
       await this.save(vmId, { status: "crashed", pid: null });
-    }).catch((error: unknown) => log.error(`Could not record that VM ${vmId} crashed: ${String(error)}`));
+    }).catch((error: unknown) =>
+      log.error(`Could not record that VM ${vmId} crashed: ${String(error)}`),
+    );
   }
 
   private async reconcile(): Promise<void> {
@@ -336,4 +344,5 @@ const runFields = (run: RunInfo): Partial<VmRecord> => ({
   "console-log": run.consoleLog,
 });
 
-const messageOf = (error: unknown): string => (error instanceof Error ? error.message : String(error));
+const messageOf = (error: unknown): string =>
+  error instanceof Error ? error.message : String(error);

@@ -1,7 +1,7 @@
 // The host's state: one JSON document in the state directory, validated when
 // read, written atomically after every change. Concurrent changes share one
 // write (group commit), so a busy agent does not pay one fsync per message.
-import { constants } from "node:fs";
+import { constants, existsSync } from "node:fs";
 import { mkdir, open, readFile, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import * as v from "valibot";
@@ -93,6 +93,8 @@ export class StateStore {
           },
         );
       }
+      // A new host writes its (empty) state at once, so an operator finds it.
+      if (!existsSync(store.path)) await store.flush();
       return store;
     } catch (error) {
       await releaseLock(dir);
@@ -146,7 +148,8 @@ export class StateStore {
 
   /** Resolves once every change made before the call is on disk. */
   flush(): Promise<void> {
-    if (this.closed) return Promise.reject(new StoreError(`The state store ${this.path} is closed`));
+    if (this.closed)
+      return Promise.reject(new StoreError(`The state store ${this.path} is closed`));
     const batch = this.pending ?? deferred();
     if (this.pending === null) {
       this.pending = batch;
@@ -164,7 +167,8 @@ export class StateStore {
   }
 
   private indexRequest(record: VmRecord): void {
-    if (record["request-id"] !== undefined) this.byRequest.set(record["request-id"], record["vm-id"]);
+    if (record["request-id"] !== undefined)
+      this.byRequest.set(record["request-id"], record["vm-id"]);
   }
 
   private startWrite(): void {

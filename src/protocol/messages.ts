@@ -110,10 +110,7 @@ export const OPTIONS_BY_COMMAND = {
 export const RequestEnvelope = v.object({
   command: v.string("command must be a string"),
   // The tutorial's client sends no `options` for list-vms.
-  options: v.optional(
-    v.record(v.string(), v.unknown(), "options must be a JSON object"),
-    {},
-  ),
+  options: v.optional(v.record(v.string(), v.unknown(), "options must be a JSON object"), {}),
 });
 
 /** A request as our client builds it; the agent parses into the same shape. */
@@ -129,13 +126,7 @@ export type ParsedRequest =
   | { command: "start-vm" | "delete-vm" | "vm-info"; options: VmOptions }
   | { command: "stop-vm"; options: StopVmOptions };
 
-export const VM_STATUSES = [
-  "creating",
-  "running",
-  "stopping",
-  "stopped",
-  "crashed",
-] as const;
+export const VM_STATUSES = ["creating", "running", "stopping", "stopped", "crashed"] as const;
 export const VmStatus = v.picklist(VM_STATUSES);
 export type VmStatus = v.InferOutput<typeof VmStatus>;
 

@@ -30,6 +30,8 @@ export type CommandHandler = {
   handle(request: ParsedRequest, context: { requestId?: string | undefined }): Promise<unknown>;
   /** Every VM this host holds, re-bound as `vm.<id>` after each (re)connect. */
   vmIds(): string[];
+  /** Whether a create-vm with this message id already made a VM here. */
+  knowsRequest(requestId: string): boolean;
 };
 
 export type AgentRouterOptions = {
@@ -67,14 +69,29 @@ const isVmCommand = (command: string): command is (typeof VM_COMMANDS)[number] =
  * create-vm only by `create-vm`; a VM command by its own name or by `vm.<id>`
  * of the same id; anything else by its own name.
  */
-export const routeMismatch = (request: ParsedRequest, routingKey: string): string | null => {
+export const routeMismatch = (
+  request: ParsedRequest,
+  routingKey: string,
+  messageId?: string,
+): string | null => {
   if (routingKey === request.command) return null;
+  if (request.command === "create-vm" && messageId && routingKey === requestRoute(messageId)) {
+    return null;
+  }
   if (isVmCommand(request.command)) {
     const vmId = (request.options as { "vm-id": string })["vm-id"];
     if (routingKey === vmRoute(vmId)) return null;
   }
   return `Refused: the message came by route "${routingKey.slice(0, 80)}" but asks for ${request.command}; nothing was run`;
 };
+
+/**
+ * While a host works on a create-vm, its queue is bound to this route. If the
+ * host dies before acknowledging, the broker redelivers the message to some
+ * other host, which finds the binding and sends the message home instead of
+ * creating a second VM; the owner answers it from its store when it is back.
+ */
+export const requestRoute = (messageId: string): string => `req.${messageId}`;
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -162,7 +179,9 @@ export class AgentRouter {
       await declareAgentTopology(ops, this.options.hostId);
       await this.rebindVms(ops);
       await consume.prefetch(this.options.competingPrefetch ?? 8);
-      const competing = await consume.consume(COMPETING_QUEUE, (msg) => this.dispatch(current, msg));
+      const competing = await consume.consume(COMPETING_QUEUE, (msg) =>
+        this.dispatch(current, msg),
+      );
       await consume.prefetch(this.options.hostPrefetch ?? 32);
       const own = await consume
         .consume(hostQueue(this.options.hostId), (msg) => this.dispatch(current, msg), {
@@ -222,24 +241,37 @@ export class AgentRouter {
     const host = this.options.hostId;
     const parsed = parseRequest(msg.content);
     let reply: Reply;
+    let claim: string | null = null;
     if (!parsed.ok) {
       log.debug(`invalid message by ${msg.fields.routingKey}: ${parsed.reason}`);
       reply = errorReply(host, parsed.reason);
     } else {
       const request = parsed.request;
-      const mismatch = routeMismatch(request, msg.fields.routingKey);
+      const messageId = (msg.properties.messageId as string | undefined) || undefined;
+      const mismatch = routeMismatch(request, msg.fields.routingKey, messageId);
       if (mismatch !== null) {
         reply = errorReply(host, mismatch);
       } else {
+        claim =
+          request.command === "create-vm" && messageId !== undefined && messageId.length <= 200
+            ? requestRoute(messageId)
+            : null;
+        if (
+          claim !== null &&
+          msg.fields.redelivered &&
+          !this.options.handler.knowsRequest(messageId as string)
+        ) {
+          if (await this.sendHome(session, msg, claim)) return;
+        }
         try {
-          const response = await this.options.handler.handle(request, {
-            requestId: msg.properties.messageId || undefined,
-          });
+          if (claim !== null) await this.bind(session, claim);
+          const response = await this.options.handler.handle(request, { requestId: messageId });
           await this.updateRoutes(session, request, response);
           reply = successReply(host, response);
         } catch (error) {
           if (error instanceof DeclineError && request.command === "create-vm") {
             await this.handOn(session, msg, error, request.options.image);
+            if (claim !== null) await this.unbind(session, claim);
             return;
           }
           if (error instanceof CommandError || error instanceof DeclineError) {
@@ -253,6 +285,47 @@ export class AgentRouter {
     }
     await this.reply(session, msg, reply);
     this.ack(session, msg);
+    if (claim !== null) await this.unbind(session, claim);
+  }
+
+  private bind(session: Session, route: string) {
+    return session.ops.bindQueue(hostQueue(this.options.hostId), EXCHANGE, route);
+  }
+
+  private async unbind(session: Session, route: string): Promise<void> {
+    if (session.alive) {
+      await session.ops
+        .unbindQueue(hostQueue(this.options.hostId), EXCHANGE, route)
+        .catch(() => undefined);
+    }
+  }
+
+  /**
+   * A redelivered create-vm this host does not know: if another host had
+   * claimed it, forward it there. True when it went home.
+   */
+  private async sendHome(session: Session, msg: ConsumeMessage, route: string): Promise<boolean> {
+    const messageId = msg.properties.messageId as string;
+    let returned = false;
+    const onReturn = (back: { properties: { messageId?: string } }) => {
+      if (back.properties.messageId === messageId) returned = true;
+    };
+    session.publish.on("return", onReturn);
+    try {
+      // The broker sends basic.return before the confirm, so `returned` is settled by then.
+      await this.publish(session, EXCHANGE, route, msg.content, {
+        ...carriedProperties(msg),
+        mandatory: true,
+      });
+    } finally {
+      session.publish.off("return", onReturn);
+    }
+    if (returned) return false;
+    log.info(
+      `create-vm ${messageId} was redelivered here; sent it back to the host that claimed it`,
+    );
+    this.ack(session, msg);
+    return true;
   }
 
   private async updateRoutes(
@@ -344,20 +417,7 @@ export class AgentRouter {
     }
     headers[DECLINED_HEADER] = [...declined].map(([host, kind]) => `${host}:${kind}`);
     headers[HOPS_HEADER] = hops;
-    // Only the properties a request uses are carried over: a user-id set by the
-    // client would make the broker refuse our publish.
-    const { contentType, correlationId, replyTo, messageId, timestamp, type, appId } =
-      msg.properties;
-    const options: Options.Publish = {
-      contentType,
-      correlationId,
-      replyTo,
-      messageId,
-      timestamp,
-      type,
-      appId,
-      headers,
-    };
+    const options: Options.Publish = { ...carriedProperties(msg), headers };
     if (Number.isFinite(deadline)) {
       headers[DEADLINE_HEADER] = deadline;
       options.expiration = String(Math.max(1, deadline - now));
@@ -367,6 +427,37 @@ export class AgentRouter {
   }
 }
 
+/**
+ * The properties a forwarded request keeps. Not all: a user-id set by the
+ * client would make the broker refuse our publish.
+ */
+const carriedProperties = (msg: ConsumeMessage): Options.Publish => {
+  const {
+    contentType,
+    correlationId,
+    replyTo,
+    messageId,
+    timestamp,
+    type,
+    appId,
+    headers,
+    expiration,
+  } = msg.properties;
+  return {
+    contentType,
+    correlationId,
+    replyTo,
+    messageId,
+    timestamp,
+    type,
+    appId,
+    headers,
+    expiration,
+  };
+};
+
 /** Errors that retrying will not cure: wrong credentials, vhost, TLS, a duplicate host id. */
 const isFatal = (error: AetherError): boolean =>
-  /refused the login|virtual host|TLS|already connected|Invalid AMQP URL|CA file/.test(error.message);
+  /refused the login|virtual host|TLS|already connected|Invalid AMQP URL|CA file/.test(
+    error.message,
+  );

@@ -68,7 +68,9 @@ export class Client {
       return client;
     } catch (error) {
       await model.close().catch(() => undefined);
-      throw new BrokerError(`The broker at ${redactUrl(options.url)} refused our channel: ${String(error)}`);
+      throw new BrokerError(
+        `The broker at ${redactUrl(options.url)} refused our channel: ${String(error)}`,
+      );
     }
   }
 

@@ -30,7 +30,8 @@ export const withDefaults = (url: string, heartbeatS = DEFAULT_HEARTBEAT_S): str
   if (parsed.protocol !== "amqp:" && parsed.protocol !== "amqps:") {
     throw new BrokerError(`Invalid AMQP URL "${redactUrl(url)}": the scheme must be amqp or amqps`);
   }
-  if (!parsed.searchParams.has("heartbeat")) parsed.searchParams.set("heartbeat", String(heartbeatS));
+  if (!parsed.searchParams.has("heartbeat"))
+    parsed.searchParams.set("heartbeat", String(heartbeatS));
   return parsed.toString();
 };
 

@@ -5,16 +5,26 @@ import type { RunInfo, StopOptions, VmDriver, VmSpec } from "../driver.ts";
 
 const FAKE_RUN: RunInfo = { pid: null, accelerator: "fake", disk: null, consoleLog: null };
 
+export type FakeDriverOptions = {
+  /** How long a simulated VM takes to boot, to make a fleet behave like a real one. */
+  bootMs?: number;
+};
+
 export class FakeDriver implements VmDriver {
   readonly name = "fake" as const;
   private readonly running = new Set<string>();
+  private readonly bootMs: number;
+
+  constructor(options: FakeDriverOptions = {}) {
+    this.bootMs = options.bootMs ?? 0;
+  }
 
   async create(spec: VmSpec): Promise<RunInfo> {
-    this.running.add(spec.id);
-    return FAKE_RUN;
+    return this.start(spec);
   }
 
   async start(spec: VmSpec): Promise<RunInfo> {
+    if (this.bootMs > 0) await new Promise((resolve) => setTimeout(resolve, this.bootMs));
     this.running.add(spec.id);
     return FAKE_RUN;
   }
