@@ -2,7 +2,15 @@
 // bootable device" and never power down by themselves, which is exactly what
 // the escalating stop has to cope with.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+} from "node:fs";
 import { readFile, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -289,6 +297,29 @@ describe("QemuDriver, other cases", () => {
     const cmdline = await cmdlineOf(run.pid);
     expect(cmdline[cmdline.indexOf("-accel") + 1]).toBe("tcg");
     await driver.destroy(spec);
+  }, 30_000);
+
+  test("when QEMU fails to start with KVM, the VM is started with TCG instead", async () => {
+    // A QEMU whose KVM is broken the way nested or restricted hosts break it: /dev/kvm opens,
+    // but QEMU exits at start with KVM. /dev/null stands in for a /dev/kvm that opens.
+    const wrapper = join(root, "qemu-without-kvm");
+    await Bun.write(
+      wrapper,
+      '#!/bin/sh\nfor arg in "$@"; do\n  if [ "$arg" = kvm ]; then echo "kvm: broken here" >&2; exit 1; fi\ndone\nexec qemu-system-x86_64 "$@"\n',
+    );
+    chmodSync(wrapper, 0o755);
+    const driver = newDriver({ qemuBinary: wrapper, kvmDevice: "/dev/null" });
+    const spec = specFor("fallback");
+    const run = await driver.create(spec);
+    expect(run.accelerator).toBe("tcg");
+    expect(await alive(run.pid)).toBe(true);
+    await driver.destroy(spec);
+
+    const strict = newDriver({ qemuBinary: wrapper, kvmDevice: "/dev/null", accel: "kvm" });
+    await expect(strict.create(specFor("strictkv"))).rejects.toThrow(/kvm: broken here/);
+    const noKvm = newDriver({ accel: "kvm", kvmDevice: join(root, "no-kvm-here") });
+    await expect(noKvm.create(specFor("strictkv"))).rejects.toThrow(/cannot be opened read-write/);
+    expect(existsSync(specFor("strictkv").dir)).toBe(false);
   }, 30_000);
 
   test("a QEMU that refuses to start is a clear error, and create leaves nothing behind", async () => {
