@@ -5,7 +5,10 @@ export class AetherError extends Error {
   /** What the user can do about it, printed after the message. */
   readonly hint: string | undefined;
   readonly exitCode: number;
-  constructor(message: string, options: { hint?: string; exitCode?: number; cause?: unknown } = {}) {
+  constructor(
+    message: string,
+    options: { hint?: string; exitCode?: number; cause?: unknown } = {},
+  ) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = new.target.name;
     this.hint = options.hint;

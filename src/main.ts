@@ -4,7 +4,7 @@ import { type ArgsDef, type CommandDef, defineCommand, renderUsage, runCommand }
 import { RepliesFailed } from "./cli/output.ts";
 import { commands } from "./commands/index.ts";
 import { AetherError, UsageError } from "./errors.ts";
-import { logger, setVerbose } from "./log.ts";
+import { logger } from "./log.ts";
 import { VERSION } from "./version.ts";
 
 const root = defineCommand({
@@ -82,6 +82,12 @@ const rejectUnknownFlags = async ({ command, rest }: Resolved): Promise<void> =>
   }
 };
 
+// citty colours its text whatever the output is; a pipe or a log gets plain text.
+// biome-ignore lint/suspicious/noControlCharactersInRegex: matching ANSI escapes is the point
+const ANSI = /\u001b\[[0-9;]*m/g;
+const forStream = (stream: NodeJS.WriteStream, text: string): string =>
+  stream.isTTY ? text : text.replace(ANSI, "");
+
 const usage = async ({ command, path }: Resolved): Promise<string> =>
   path.length === 0
     ? renderUsage(command)
@@ -94,16 +100,15 @@ const main = async (rawArgs: string[]): Promise<number> => {
     process.stdout.write(`${VERSION}\n`);
     return 0;
   }
-  setVerbose(rawArgs.includes("--verbose"));
   let resolved: Resolved | undefined;
   try {
     resolved = await resolveCommand(rawArgs);
     if (rawArgs.includes("--help") || rawArgs.includes("-h")) {
-      process.stdout.write(`${await usage(resolved)}\n`);
+      process.stdout.write(forStream(process.stdout, `${await usage(resolved)}\n`));
       return 0;
     }
     if (resolved.command.run === undefined) {
-      process.stderr.write(`${await usage(resolved)}\n`);
+      process.stderr.write(forStream(process.stderr, `${await usage(resolved)}\n`));
       return 2;
     }
     await rejectUnknownFlags(resolved);
@@ -113,8 +118,10 @@ const main = async (rawArgs: string[]): Promise<number> => {
     if (error instanceof RepliesFailed) return error.exitCode;
     const cliError = error instanceof Error && error.name === "CLIError";
     if (error instanceof UsageError || cliError) {
-      if (resolved) process.stderr.write(`${await usage(resolved).catch(() => "")}\n\n`);
-      process.stderr.write(`error: ${(error as Error).message}\n`);
+      const text = resolved ? `${await usage(resolved).catch(() => "")}\n\n` : "";
+      process.stderr.write(
+        forStream(process.stderr, `${text}error: ${(error as Error).message}\n`),
+      );
       if (error instanceof UsageError && error.hint) process.stderr.write(`${error.hint}\n`);
       return 2;
     }

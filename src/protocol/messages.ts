@@ -110,7 +110,13 @@ export const OPTIONS_BY_COMMAND = {
 export const RequestEnvelope = v.object({
   command: v.string("command must be a string"),
   // The tutorial's client sends no `options` for list-vms.
-  options: v.optional(v.record(v.string(), v.unknown(), "options must be a JSON object"), {}),
+  options: v.optional(
+    v.custom<Record<string, unknown>>(
+      (input) => typeof input === "object" && input !== null && !Array.isArray(input),
+      "options must be a JSON object",
+    ),
+    {},
+  ),
 });
 
 /** A request as our client builds it; the agent parses into the same shape. */

@@ -67,7 +67,7 @@ const describe = (error: unknown, where: string): BrokerError => {
       cause: error,
     });
   }
-  if (/NOT_ALLOWED|530|vhost/i.test(text)) {
+  if (/NOT_ALLOWED|530|vhost|Expected ConnectionOpenOk/i.test(text)) {
     return new BrokerError(`The RabbitMQ broker at ${where} refused access to the virtual host`, {
       hint: "Check the vhost in the AMQP URL and that the user has permissions on it.",
       cause: error,

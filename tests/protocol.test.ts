@@ -1,0 +1,104 @@
+// Parsing what arrives on the wire: the tutorial's shapes pass, everything
+// else becomes one clear reason.
+import { describe, expect, test } from "bun:test";
+import { parseRequest } from "../src/protocol/messages.ts";
+
+const parse = (value: unknown) =>
+  parseRequest(Buffer.from(typeof value === "string" ? value : JSON.stringify(value)));
+
+describe("parseRequest", () => {
+  test("the tutorial's list-vms has no options at all", () => {
+    expect(parse({ command: "list-vms" })).toEqual({
+      ok: true,
+      request: { command: "list-vms", options: {} },
+    });
+  });
+
+  test("unknown options are ignored, defaults filled in", () => {
+    const result = parse({
+      command: "create-vm",
+      options: { image: "base", "public-ip": true, vpn: "x" },
+    });
+    expect(result.ok).toBe(true);
+    if (result.ok && result.request.command === "create-vm") {
+      expect(result.request.options).toMatchObject({ image: "base", memory: 256, cpus: 1 });
+    }
+  });
+
+  const refused: Array<[string, unknown, string]> = [
+    ["random bytes", "\u0000\u00ff\u00fe garbage", "not UTF-8 JSON"],
+    ["a JSON array", [1, 2, 3], "Invalid request"],
+    ["no command", { options: {} }, "command"],
+    ["an unknown command", { command: "rm-rf" }, 'Unknown command "rm-rf"'],
+    [
+      "options that are not an object",
+      { command: "list-vms", options: [1] },
+      "options must be a JSON object",
+    ],
+    [
+      "an image that leaves the directory",
+      { command: "create-vm", options: { image: "../../etc/passwd" } },
+      "image must be",
+    ],
+    ["an image with a slash", { command: "create-vm", options: { image: "a/b" } }, "image must be"],
+    ["an empty image", { command: "create-vm", options: { image: "" } }, "image must be"],
+    [
+      "a 100-character image",
+      { command: "create-vm", options: { image: "a".repeat(100) } },
+      "image must be",
+    ],
+    [
+      "an image with spaces",
+      { command: "create-vm", options: { image: "my image" } },
+      "image must be",
+    ],
+    [
+      "memory as a string",
+      { command: "create-vm", options: { image: "base", memory: "512" } },
+      "memory must be a number",
+    ],
+    [
+      "fractional cpus",
+      { command: "create-vm", options: { image: "base", cpus: 1.5 } },
+      "cpus must be a whole number",
+    ],
+    [
+      "kill as a string",
+      { command: "stop-vm", options: { "vm-id": "abcdefgh", kill: "yes" } },
+      "kill must be true or false",
+    ],
+    [
+      "a vm-id with routing characters",
+      { command: "start-vm", options: { "vm-id": "vm.#.*" } },
+      "vm-id must be 8 lowercase letters",
+    ],
+    [
+      "a vm-id that is a path",
+      { command: "delete-vm", options: { "vm-id": "../../x" } },
+      "vm-id must be 8 lowercase letters",
+    ],
+  ];
+  for (const [what, body, reason] of refused) {
+    test(`refuses ${what}`, () => {
+      const result = parse(body);
+      expect(result.ok).toBe(false);
+      if (!result.ok) expect(result.reason).toContain(reason);
+    });
+  }
+
+  test("deeply nested JSON is refused without crashing", () => {
+    const deep = `${"[".repeat(100_000)}${"]".repeat(100_000)}`;
+    const result = parse(`{"command":"list-vms","options":${deep}}`);
+    expect(result.ok).toBe(false);
+  });
+
+  test("a 10 MB body is refused quickly", () => {
+    const started = performance.now();
+    const result = parse({
+      command: "create-vm",
+      options: { image: "x".repeat(10 * 1024 * 1024) },
+    });
+    expect(result.ok).toBe(false);
+    expect(performance.now() - started).toBeLessThan(5000);
+  });
+});
