@@ -3,7 +3,7 @@
 // finished, VMs left running).
 import { homedir, hostname, totalmem } from "node:os";
 import { join, resolve } from "node:path";
-import { UsageError } from "../errors.ts";
+import { HypervisorError, UsageError } from "../errors.ts";
 import type { VmDriver } from "../hypervisor/driver.ts";
 import { FakeDriver } from "../hypervisor/drivers/fake.ts";
 import { Host } from "../hypervisor/host.ts";
@@ -50,7 +50,14 @@ const makeDriver = async (name: string, flags: AgentFlags): Promise<VmDriver> =>
   }
   if (name === "qemu") {
     const { QemuDriver } = await import("../hypervisor/drivers/qemu.ts");
-    return new QemuDriver();
+    const driver = new QemuDriver();
+    const probe = await driver.probe().catch((error: unknown) => {
+      throw new HypervisorError(`QEMU is not usable on this host: ${String(error)}`, {
+        hint: "Install it with `bash scripts/install-qemu.sh` (apt-get install qemu-system-x86 qemu-utils), or run with --driver fake.",
+      });
+    });
+    log.info(`${probe.version}; ${probe.kvmUsable ? "KVM" : "no usable /dev/kvm: TCG (slower)"}`);
+    return driver;
   }
   throw new UsageError(`--driver must be qemu or fake, not "${name}"`);
 };
