@@ -11,7 +11,7 @@ import {
 } from "../protocol/messages.ts";
 import { requestAll, requestCreate, requestVm } from "../routing/requests.ts";
 import { type ClientFlags, clientOptionsFrom, integerArg } from "./args.ts";
-import { report, type Success, table } from "./output.ts";
+import { report, type Success, table, withFeedback } from "./output.ts";
 
 export type CreateFlags = ClientFlags & {
   image?: string;
@@ -39,7 +39,8 @@ const initScriptFrom = async (path: string | undefined): Promise<string | undefi
   return text;
 };
 
-const mib = (value: number): string => (value >= 1024 ? `${value / 1024} GiB` : `${value} MiB`);
+const mib = (value: number): string =>
+  value >= 1024 ? `${Number((value / 1024).toFixed(1))} GiB` : `${value} MiB`;
 
 const renderStatus = (successes: Success[]): string =>
   successes
@@ -112,7 +113,7 @@ const renderHosts = (successes: Success[]): string => {
 };
 
 export const createVm = async (flags: CreateFlags, json: boolean): Promise<void> => {
-  const options = clientOptionsFrom(flags);
+  const options = clientOptionsFrom(flags, "change");
   if (!flags.image) throw new UsageError("--image is required: the name of a base image");
   const initScript = await initScriptFrom(flags["init-script"]);
   const request: Request = {
@@ -128,11 +129,17 @@ export const createVm = async (flags: CreateFlags, json: boolean): Promise<void>
       ...(initScript === undefined ? {} : { "init-script": initScript }),
     },
   };
-  report(await requestCreate(options, request), {
-    json,
-    timeoutMs: options.timeoutMs,
-    render: renderStatus,
-  });
+  report(
+    await withFeedback(
+      `a host to create the VM from "${flags.image}"`,
+      requestCreate(options, request),
+    ),
+    {
+      json,
+      timeoutMs: options.timeoutMs,
+      render: renderStatus,
+    },
+  );
 };
 
 export const vmCommand = async (
@@ -141,33 +148,48 @@ export const vmCommand = async (
   id: unknown,
   json: boolean,
 ): Promise<void> => {
-  const options = clientOptionsFrom(flags);
+  const options = clientOptionsFrom(flags, command === "vm-info" ? "read" : "change");
   const vmId = vmIdFrom(id);
   const request: Request =
     command === "stop-vm"
       ? { command, options: { "vm-id": vmId, kill: flags.kill === true } }
       : { command, options: { "vm-id": vmId } };
-  report(await requestVm(options, request, vmId), {
-    json,
-    timeoutMs: options.timeoutMs,
-    render: command === "vm-info" ? renderVmInfo : renderStatus,
-  });
+  report(
+    await withFeedback(`the host of VM ${vmId} (${command})`, requestVm(options, request, vmId)),
+    {
+      json,
+      timeoutMs: options.timeoutMs,
+      render: command === "vm-info" ? renderVmInfo : renderStatus,
+    },
+  );
 };
 
 export const listVms = async (flags: ClientFlags, json: boolean): Promise<void> => {
-  const options = clientOptionsFrom(flags);
-  report(await requestAll(options, { command: "list-vms", options: {} }), {
-    json,
-    timeoutMs: options.timeoutMs,
-    render: renderVmTable,
-  });
+  const options = clientOptionsFrom(flags, "read");
+  report(
+    await withFeedback(
+      "every host's VM list",
+      requestAll(options, { command: "list-vms", options: {} }),
+    ),
+    {
+      json,
+      timeoutMs: options.timeoutMs,
+      render: renderVmTable,
+    },
+  );
 };
 
 export const listHosts = async (flags: ClientFlags, json: boolean): Promise<void> => {
-  const options = clientOptionsFrom(flags);
-  report(await requestAll(options, { command: "list-hosts", options: {} }), {
-    json,
-    timeoutMs: options.timeoutMs,
-    render: renderHosts,
-  });
+  const options = clientOptionsFrom(flags, "read");
+  report(
+    await withFeedback(
+      "every host to answer",
+      requestAll(options, { command: "list-hosts", options: {} }),
+    ),
+    {
+      json,
+      timeoutMs: options.timeoutMs,
+      render: renderHosts,
+    },
+  );
 };

@@ -22,8 +22,8 @@ export const clientArgs = {
   ...connectionArgs,
   timeout: {
     type: "string",
-    description: "Seconds to wait for answers",
-    default: "15",
+    description:
+      "Seconds to wait for answers (default 10 for list, info and hosts; 90 for create, start, stop, delete)",
     valueHint: "seconds",
   },
   json: { type: "boolean", description: "Print the replies as a JSON array", default: false },
@@ -72,10 +72,13 @@ export const secondsArg = (name: string, value: unknown): number => {
 export type ConnectionFlags = { "amqp-url"?: string; "amqp-ca"?: string };
 export type ClientFlags = ConnectionFlags & { timeout?: string; json?: boolean };
 
-export const clientOptionsFrom = (args: ClientFlags) => ({
+/** Reads are quick; changes may wait for a guest to power down (the agent's --stop-timeout). */
+export const DEFAULT_TIMEOUT_S = { read: 10, change: 90 } as const;
+
+export const clientOptionsFrom = (args: ClientFlags, kind: keyof typeof DEFAULT_TIMEOUT_S) => ({
   url: resolveAmqpUrl(args["amqp-url"]),
   caFile: resolveCaFile(args["amqp-ca"]),
-  timeoutMs: secondsArg("timeout", args.timeout ?? "15"),
+  timeoutMs: secondsArg("timeout", args.timeout ?? String(DEFAULT_TIMEOUT_S[kind])),
 });
 
 /** The tutorial's spelling: `start-vm --vm-id ID`. */

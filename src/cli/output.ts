@@ -70,3 +70,31 @@ export const report = (
     throw new RepliesFailed(`${outcome.missing} host(s) did not answer`, { exitCode: 3 });
   }
 };
+
+/**
+ * Says on stderr what the user is waiting for once a request takes more than a
+ * moment: a line that counts up on a terminal, an occasional line in a log.
+ */
+export const withFeedback = async <T>(what: string, work: Promise<T>): Promise<T> => {
+  const tty = process.stderr.isTTY === true;
+  const started = Date.now();
+  let shown = false;
+  const tick = () => {
+    const seconds = Math.round((Date.now() - started) / 1000);
+    if (tty) process.stderr.write(`\r… waiting for ${what} (${seconds} s)`);
+    else process.stderr.write(`… still waiting for ${what} (${seconds} s)\n`);
+    shown = true;
+  };
+  const first = setTimeout(() => {
+    tick();
+    timer = setInterval(tick, tty ? 1000 : 15_000);
+  }, 2000);
+  let timer: ReturnType<typeof setInterval> | undefined;
+  try {
+    return await work;
+  } finally {
+    clearTimeout(first);
+    clearInterval(timer);
+    if (shown && tty) process.stderr.write("\r\u001b[2K");
+  }
+};
