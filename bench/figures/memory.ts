@@ -1,0 +1,97 @@
+// Figure 7: agent RSS idle and with 10,000 fake VMs (after it served list-vms
+// and vm-info), and the executable's size. Floors: a bare responder process
+// (Bun + amqplib, one connection) for memory, the Bun runtime binary for size.
+import { writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { Client } from "../../src/routing/client.ts";
+import { type Context, type Figure, pick } from "../lib/context.ts";
+import { EXE, prepopulatedStateDir, tempDir, vmIds } from "../lib/env.ts";
+import { startAgent, startResponder } from "../lib/fleet.ts";
+import { memoryOf } from "../lib/procs.ts";
+import { type Row, ratioOf, value } from "../lib/report.ts";
+import { sleep } from "../lib/stats.ts";
+import { listVms } from "./gather.ts";
+import { vmInfo } from "./targeted.ts";
+
+const BIG = 10_000;
+const TARGET_MIB = 100;
+const SETTLE_MS = 1500;
+
+const run = async (ctx: Context): Promise<Row[]> => {
+  const replyDir = await tempDir("f7-reply");
+  await writeFile(join(replyDir, "reply.json"), "{}");
+  const responder = await startResponder({
+    url: ctx.url,
+    queue: "bench-f7",
+    keys: ["f7"],
+    replyFile: join(replyDir, "reply.json"),
+  });
+  const idle = await startAgent({ url: ctx.url, hostId: "f7-idle", imagesDir: ctx.imagesDir });
+  const ids = vmIds(BIG);
+  const big = await startAgent({
+    url: ctx.url,
+    hostId: "f7-big",
+    imagesDir: ctx.imagesDir,
+    stateDir: await prepopulatedStateDir("f7-big", ids),
+  });
+  const client = await Client.connect({ url: ctx.url, timeoutMs: 30_000 });
+  try {
+    const afterStart = await memoryOf(big.pid);
+    // Exercise the big agent the way users would: whole lists and single VMs.
+    for (let i = 0; i < pick(ctx, 5, 2); i++) await listVms(client, 2);
+    for (let i = 0; i < pick(ctx, 200, 50); i++)
+      await vmInfo(client, ids[i % ids.length] as string);
+    await sleep(SETTLE_MS);
+    const [idleMem, bigMem, floorMem] = await Promise.all([
+      memoryOf(idle.pid),
+      memoryOf(big.pid),
+      memoryOf(responder.pid),
+    ]);
+    const floor = value(floorMem.rssMiB, "MiB");
+    const idleStat = value(idleMem.rssMiB, "MiB");
+    const bigStat = value(bigMem.rssMiB, "MiB");
+    const exe = value(Bun.file(EXE).size / 1024 / 1024, "MiB");
+    const runtime = value(Bun.file(process.execPath).size / 1024 / 1024, "MiB");
+    return [
+      {
+        figure: "7",
+        what: "agent RSS, idle (0 VMs)",
+        ours: idleStat,
+        floor,
+        ratio: ratioOf(idleStat, floor),
+        target: "—",
+        pass: null,
+        notes: ["floor: RSS of a bare responder (Bun + amqplib, one connection)"],
+      },
+      {
+        figure: "7",
+        what: `agent RSS, ${BIG} fake VMs`,
+        ours: bigStat,
+        floor,
+        ratio: ratioOf(bigStat, floor),
+        target: `< ${TARGET_MIB} MiB`,
+        pass: bigMem.rssMiB < TARGET_MIB,
+        notes: [
+          `right after start ${afterStart.rssMiB.toFixed(1)} MiB; peak (VmHWM) ${bigMem.hwmMiB.toFixed(1)} MiB`,
+        ],
+      },
+      {
+        figure: "7",
+        what: "size of dist/aetherscale",
+        ours: exe,
+        floor: runtime,
+        ratio: ratioOf(exe, runtime),
+        target: "—",
+        pass: null,
+        notes: ["floor: the Bun runtime binary every compiled executable embeds"],
+      },
+    ];
+  } finally {
+    await client.close();
+    await big.stop();
+    await idle.stop();
+    await responder.stop();
+  }
+};
+
+export const figure7: Figure = { id: 7, title: "memory and size", run };

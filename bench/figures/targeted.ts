@@ -1,0 +1,65 @@
+// Figure 1: a targeted VM command (vm-info, to the one agent that holds the VM)
+// through our client library in a warm process, against a bare amqplib
+// request/reply over direct reply-to to one bare responder.
+import { Client } from "../../src/routing/client.ts";
+import { BareRequester } from "../lib/bare.ts";
+import { type Context, type Figure, pick, replyFile, requestBody } from "../lib/context.ts";
+import { fakeRecord, prepopulatedStateDir, vmIds } from "../lib/env.ts";
+import { FLOOR_EXCHANGE, startAgent, startResponder } from "../lib/fleet.ts";
+import { latencyRow, type Row } from "../lib/report.ts";
+import { interleave } from "../lib/stats.ts";
+
+/** Runs vm-info to `vmId` through `client`; throws unless it succeeded. */
+export const vmInfo = async (client: Client, vmId: string): Promise<void> => {
+  const reply = await client.toVm({ command: "vm-info", options: { "vm-id": vmId } }, vmId);
+  if (reply["execution-info"].status !== "success") {
+    throw new Error(`vm-info ${vmId} failed: ${JSON.stringify(reply)}`);
+  }
+};
+
+const run = async (ctx: Context): Promise<Row[]> => {
+  const host = "f1-host";
+  const ids = vmIds(100);
+  const vmId = ids[0] as string;
+  const agent = await startAgent({
+    url: ctx.url,
+    hostId: host,
+    imagesDir: ctx.imagesDir,
+    stateDir: await prepopulatedStateDir(host, ids),
+  });
+  const responder = await startResponder({
+    url: ctx.url,
+    queue: "bench-f1",
+    keys: ["f1.vm-info"],
+    replyFile: await replyFile(host, fakeRecord(vmId, host)),
+  });
+  const client = await Client.connect({ url: ctx.url, timeoutMs: 10_000 });
+  const bare = await BareRequester.connect(ctx.url);
+  try {
+    const body = requestBody("vm-info", { "vm-id": vmId });
+    const count = pick(ctx, 2000, 300);
+    ctx.log(`figure 1: ${count} vm-info round trips each side`);
+    const result = await interleave(
+      { count, warmup: 50, block: 100, budgetMs: pick(ctx, 90_000, 20_000), minCount: 50 },
+      () => vmInfo(client, vmId),
+      () => bare.ask(FLOOR_EXCHANGE, "f1.vm-info", body, 1),
+    );
+    return [
+      latencyRow(
+        "1",
+        "vm-info to one agent, warm client library",
+        result.ours,
+        result.floor,
+        1.5,
+        result.cut ? ["cut short by the time budget"] : [],
+      ),
+    ];
+  } finally {
+    await client.close();
+    await bare.close();
+    await responder.stop();
+    await agent.stop();
+  }
+};
+
+export const figure1: Figure = { id: 1, title: "targeted VM command", run };

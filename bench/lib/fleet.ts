@@ -1,0 +1,98 @@
+// Agents (separate processes of dist/aetherscale) and bare responders
+// (separate Bun processes running bench/responder.ts), started the same way so
+// that our side and its floor pay the same process and scheduling costs.
+import { join } from "node:path";
+import { EXE, ROOT, tempDir } from "./env.ts";
+import { mapLimit, Proc } from "./procs.ts";
+
+export type AgentSpec = {
+  url: string;
+  hostId: string;
+  imagesDir: string;
+  stateDir?: string;
+  driver?: "fake" | "qemu";
+  extra?: string[];
+};
+
+export type Agent = Proc & { hostId: string; stateDir: string };
+
+let profileDir: string | null = null;
+
+/**
+ * With `--profile DIR`, every agent (and CLI run) the bench starts writes a
+ * CPU profile there when it exits (Bun's --cpu-prof and its Markdown summary,
+ * passed to the compiled executable through BUN_OPTIONS).
+ */
+export const setProfileDir = (dir: string | null): void => {
+  profileDir = dir;
+};
+
+export const profileEnv = (): Record<string, string> =>
+  profileDir === null
+    ? {}
+    : { BUN_OPTIONS: `--cpu-prof --cpu-prof-md --cpu-prof-dir=${profileDir}` };
+
+export const startAgent = async (spec: AgentSpec): Promise<Agent> => {
+  const stateDir = spec.stateDir ?? (await tempDir(`state-${spec.hostId}`));
+  const proc = await Proc.start(
+    `agent ${spec.hostId}`,
+    [
+      EXE,
+      "agent",
+      "--amqp-url",
+      spec.url,
+      "--host-id",
+      spec.hostId,
+      "--state-dir",
+      stateDir,
+      "--images-dir",
+      spec.imagesDir,
+      "--driver",
+      spec.driver ?? "fake",
+      ...(spec.extra ?? []),
+    ],
+    { readyText: "is ready", readyTimeoutMs: 120_000, env: profileEnv() },
+  );
+  return Object.assign(proc, { hostId: spec.hostId, stateDir });
+};
+
+/** Starts agents a few at a time: 50 at once would only queue on 2 cores. */
+export const startAgents = (specs: AgentSpec[], parallel = 4): Promise<Agent[]> =>
+  mapLimit(specs, parallel, startAgent);
+
+export const stopAll = async (procs: Proc[]): Promise<void> => {
+  await mapLimit(procs, 8, (proc) => proc.stop());
+};
+
+export type ResponderSpec = {
+  url: string;
+  /** Queue to consume; declared (non-durable) if missing. */
+  queue: string;
+  /** Routing keys binding the queue to the floor exchange. */
+  keys: string[];
+  /** Reply body, sent as is for every request. */
+  replyFile: string;
+  prefetch?: number;
+  label?: string;
+};
+
+export const FLOOR_EXCHANGE = "bench-floor";
+
+export const startResponder = (spec: ResponderSpec): Promise<Proc> =>
+  Proc.start(
+    spec.label ?? `responder ${spec.queue}`,
+    [
+      process.execPath,
+      join(ROOT, "bench", "responder.ts"),
+      spec.url,
+      FLOOR_EXCHANGE,
+      spec.queue,
+      spec.keys.join(","),
+      spec.replyFile,
+      String(spec.prefetch ?? 32),
+    ],
+    { readyText: "responder ready", readyTimeoutMs: 60_000 },
+  );
+
+export const startResponders = (specs: ResponderSpec[], parallel = 4): Promise<Proc[]> =>
+  mapLimit(specs, parallel, startResponder);
