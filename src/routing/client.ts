@@ -37,6 +37,7 @@ type Pending = {
   replies: Reply[];
   expected: number;
   done: () => void;
+  fail: (error: Error) => void;
 };
 
 export class Client {
@@ -45,6 +46,7 @@ export class Client {
   private readonly options: ClientOptions;
   private readonly pending = new Map<string, Pending>();
   private readonly returned = new Map<string, () => void>();
+  private closed = false;
 
   private constructor(model: ChannelModel, channel: Channel, options: ClientOptions) {
     this.model = model;
@@ -63,6 +65,7 @@ export class Client {
       const channel = await model.createChannel();
       channel.on("error", (error: Error) => log.debug(`channel error: ${error.message}`));
       const client = new Client(model, channel, options);
+      model.on("close", () => client.onClosed());
       channel.on("return", (msg: Message) => client.onReturn(msg));
       await channel.consume(DIRECT_REPLY_TO, (msg) => client.onReply(msg), { noAck: true });
       return client;
@@ -85,7 +88,9 @@ export class Client {
   /** How many agents consume create-vm right now: one per live host. */
   async liveAgents(): Promise<number> {
     // A passive declare of a missing queue closes its channel, so it gets its own.
-    const channel = await this.model.createChannel();
+    const channel = await this.model.createChannel().catch(() => {
+      throw this.lost();
+    });
     channel.on("error", () => undefined);
     try {
       return (await channel.checkQueue(COMPETING_QUEUE)).consumerCount;
@@ -126,6 +131,7 @@ export class Client {
   }
 
   async close(): Promise<void> {
+    this.closed = true;
     await this.model.close().catch(() => undefined);
   }
 
@@ -146,16 +152,24 @@ export class Client {
     mandatory: boolean,
   ): Promise<Gathered> {
     const id = crypto.randomUUID();
-    return new Promise<Gathered>((resolve) => {
+    if (this.closed) return Promise.reject(this.lost());
+    return new Promise<Gathered>((resolve, reject) => {
       const replies: Reply[] = [];
-      const finish = () => {
+      const settle = () => {
         clearTimeout(timer);
         this.pending.delete(id);
         this.returned.delete(id);
+      };
+      const finish = () => {
+        settle();
         resolve({ replies, expected, missing: Math.max(0, expected - replies.length) });
       };
+      const fail = (error: Error) => {
+        settle();
+        reject(error);
+      };
       const timer = setTimeout(finish, this.options.timeoutMs);
-      this.pending.set(id, { replies, expected, done: finish });
+      this.pending.set(id, { replies, expected, done: finish, fail });
       if (mandatory) {
         this.returned.set(id, () => {
           replies.push(errorReply("", Reasons.vmDoesNotExist));
@@ -171,6 +185,21 @@ export class Client {
         mandatory,
       });
     });
+  }
+
+  private lost(): BrokerError {
+    return new BrokerError(
+      `Lost the connection to the RabbitMQ broker at ${redactUrl(this.options.url)} before every answer arrived`,
+      {
+        hint: "Whether the command ran is unknown: check with `aetherscale vm list` once the broker is back.",
+      },
+    );
+  }
+
+  private onClosed(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const pending of [...this.pending.values()]) pending.fail(this.lost());
   }
 
   private onReply(msg: ConsumeMessage | null): void {
