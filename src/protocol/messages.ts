@@ -23,15 +23,8 @@ export type CommandName = v.InferOutput<typeof CommandName>;
 
 /** Commands that name one VM and may travel by its `vm.<id>` route. */
 export const VM_COMMANDS = ["start-vm", "stop-vm", "delete-vm", "vm-info"] as const;
-/** Commands every host answers (the tutorial's broadcast keys). */
-export const BROADCAST_COMMANDS = [
-  "list-vms",
-  "start-vm",
-  "stop-vm",
-  "delete-vm",
-  "vm-info",
-  "list-hosts",
-] as const;
+/** Commands every host answers (the tutorial's broadcast keys): all but create-vm. */
+export const BROADCAST_COMMANDS = COMMANDS.filter((command) => command !== "create-vm");
 
 export const vmRoute = (vmId: string): string => `vm.${vmId}`;
 

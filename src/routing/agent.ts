@@ -431,30 +431,20 @@ export class AgentRouter {
  * The properties a forwarded request keeps. Not all: a user-id set by the
  * client would make the broker refuse our publish.
  */
-const carriedProperties = (msg: ConsumeMessage): Options.Publish => {
-  const {
-    contentType,
-    correlationId,
-    replyTo,
-    messageId,
-    timestamp,
-    type,
-    appId,
-    headers,
-    expiration,
-  } = msg.properties;
-  return {
-    contentType,
-    correlationId,
-    replyTo,
-    messageId,
-    timestamp,
-    type,
-    appId,
-    headers,
-    expiration,
-  };
-};
+const CARRIED_PROPERTIES = [
+  "contentType",
+  "correlationId",
+  "replyTo",
+  "messageId",
+  "timestamp",
+  "type",
+  "appId",
+  "headers",
+  "expiration",
+] as const;
+
+const carriedProperties = (msg: ConsumeMessage): Options.Publish =>
+  Object.fromEntries(CARRIED_PROPERTIES.map((key) => [key, msg.properties[key]]));
 
 /** Errors that retrying will not cure: wrong credentials, vhost, TLS, a duplicate host id. */
 const isFatal = (error: AetherError): boolean =>
