@@ -8,6 +8,7 @@
 //   npm run bench -- --json            the same figures as JSON on stdout
 //   npm run bench -- --markdown        the table as Markdown (for the README)
 //   npm run bench -- --no-build        use dist/aetherscale as it is
+//   npm run bench -- --from-source     agents run as `bun src/main.ts` (readable profiles)
 //   npm run bench -- --profile DIR     agents and CLI runs write CPU profiles to DIR
 //                                      (profile the bench process itself with
 //                                      `bun --cpu-prof-md bench/run.ts ...`)
@@ -27,7 +28,7 @@ import { figure1 } from "./figures/targeted.ts";
 import { installSignalCleanup, runCleanup } from "./lib/cleanup.ts";
 import type { Context, Figure } from "./lib/context.ts";
 import { ensureExecutable, fakeImages, makeVhost } from "./lib/env.ts";
-import { setProfileDir } from "./lib/fleet.ts";
+import { setFromSource, setProfileDir } from "./lib/fleet.ts";
 import { markdownTable, notesText, type Row, textTable } from "./lib/report.ts";
 
 const FIGURES: Figure[] = [figure1, figure2, figure3, figure4, figure5, figure6, figure7];
@@ -39,9 +40,10 @@ type Args = {
   build: boolean;
   only: Set<number>;
   profile: string | null;
+  fromSource: boolean;
 };
 
-const USAGE = `usage: npm run bench -- [--quick] [--only 1,3] [--json | --markdown] [--no-build] [--profile DIR]
+const USAGE = `usage: npm run bench -- [--quick] [--only 1,3] [--json | --markdown] [--no-build] [--from-source] [--profile DIR]
   figures: ${FIGURES.map((f) => `${f.id} ${f.title}`).join("; ")}`;
 
 const parseArgs = (argv: string[]): Args => {
@@ -52,6 +54,7 @@ const parseArgs = (argv: string[]): Args => {
     build: true,
     only: new Set(FIGURES.map((f) => f.id)),
     profile: null,
+    fromSource: false,
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i] as string;
@@ -59,6 +62,7 @@ const parseArgs = (argv: string[]): Args => {
     else if (arg === "--markdown") args.markdown = true;
     else if (arg === "--quick") args.quick = true;
     else if (arg === "--no-build") args.build = false;
+    else if (arg === "--from-source") args.fromSource = true;
     else if (arg === "--profile") {
       const dir = argv[++i];
       if (!dir) throw new Error("--profile takes a directory");
@@ -96,6 +100,7 @@ const main = async (): Promise<number> => {
     mkdirSync(args.profile, { recursive: true });
     setProfileDir(args.profile);
   }
+  setFromSource(args.fromSource);
   const log = (message: string) =>
     process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${message}\n`);
   const started = performance.now();

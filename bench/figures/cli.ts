@@ -12,14 +12,21 @@ import { interleave, ownTime } from "../lib/stats.ts";
 const AGENTS = 3;
 const VMS_PER_AGENT = 10;
 
-/** Compiles bench/floor-cli.ts the way scripts/build.ts compiles the real one. */
-const compileFloor = async (): Promise<string> => {
+/**
+ * Compiles bench/floor-cli.ts the way scripts/build.ts compiles the real one;
+ * if that build turns on bytecode (which halves a Bun program's start-up
+ * here), the floor gets it too, or the ratio would flatter us.
+ */
+const compileFloor = async (): Promise<{ path: string; bytecode: boolean }> => {
   const outfile = join(await tempDir("floor-cli"), "floor-cli");
+  const buildScript = await Bun.file(join(ROOT, "scripts", "build.ts")).text();
+  const bytecode = /\bbytecode:\s*true\b/.test(buildScript);
   const result = await Bun.build({
     entrypoints: [join(ROOT, "bench", "floor-cli.ts")],
     target: "bun",
     minify: true,
     sourcemap: "none",
+    ...(bytecode ? { bytecode: true, format: "esm" as const } : {}),
     compile: {
       outfile,
       autoloadDotenv: false,
@@ -29,11 +36,11 @@ const compileFloor = async (): Promise<string> => {
     },
   });
   if (!result.success) throw new Error(`compiling floor-cli failed: ${result.logs.join("\n")}`);
-  return outfile;
+  return { path: outfile, bytecode };
 };
 
 const run = async (ctx: Context): Promise<Row[]> => {
-  const floorExe = await compileFloor();
+  const { path: floorExe, bytecode } = await compileFloor();
   const taken = new Set<string>();
   const specs = await Promise.all(
     Array.from({ length: AGENTS }, async (_, i) => {
@@ -79,7 +86,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
         result.floor,
         1.5,
         [
-          `floor: compiled minimal Bun program, ${size(floorExe).toFixed(1)} MiB; ours ${size(EXE).toFixed(1)} MiB`,
+          `floor: compiled minimal Bun program (bytecode ${bytecode ? "on" : "off"}, as in scripts/build.ts), ${size(floorExe).toFixed(1)} MiB; ours ${size(EXE).toFixed(1)} MiB`,
           ...(result.cut ? ["cut short by the time budget"] : []),
         ],
       ),

@@ -5,7 +5,8 @@ import { Client } from "../../src/routing/client.ts";
 import { BareRequester } from "../lib/bare.ts";
 import { type Context, type Figure, pick, replyFile, requestBody } from "../lib/context.ts";
 import { FLOOR_EXCHANGE, startAgents, startResponders, stopAll } from "../lib/fleet.ts";
-import { bindMs, fmt, liveAgentsMs } from "../lib/probes.ts";
+import { bindMs, fmt, liveAgentsBrokerCpu, liveAgentsMs } from "../lib/probes.ts";
+import { brokerPid, cpuDuring } from "../lib/procs.ts";
 import { type Row, value } from "../lib/report.ts";
 
 const AGENTS = 4;
@@ -109,11 +110,26 @@ const run = async (ctx: Context): Promise<Row[]> => {
       }),
     );
     ctx.log(`figure 3: ${total} creates, floor / ours / floor`);
+    const broker = await brokerPid();
+    const brokerPids = broker === null ? [] : [broker];
     const floorBefore = await floorRun();
-    const ours = await oursRun();
-    const floorAfter = await floorRun();
+    const oursCpu = await cpuDuring(
+      { servers: agents.map((a) => a.pid), broker: brokerPids },
+      oursRun,
+    );
+    const ours = oursCpu.result;
+    const floorCpu = await cpuDuring(
+      { servers: responders.map((r) => r.pid), broker: brokerPids },
+      floorRun,
+    );
+    const floorAfter = floorCpu.result;
+    const perRequest = (cpu: Record<string, number>, done: number) =>
+      ["servers", "broker", "client"]
+        .map((key) => `${key} ${((cpu[key] ?? 0) / Math.max(1, done)).toFixed(2)}`)
+        .join(", ");
     const routes = await bindMs(ctx.url);
     const counting = await liveAgentsMs(clients[0] as Client, 30);
+    const countingCpu = await liveAgentsBrokerCpu(clients[0] as Client);
     const rate = (r: Run) => r.done / r.seconds;
     const floorRate = (rate(floorBefore) + rate(floorAfter)) / 2;
     const counts = [...ours.perHost.values()];
@@ -124,8 +140,9 @@ const run = async (ctx: Context): Promise<Row[]> => {
     const notes = [
       `floor before ${rate(floorBefore).toFixed(0)}/s, after ${rate(floorAfter).toFixed(0)}/s`,
       `ours ${ours.done} created in ${ours.seconds.toFixed(1)} s, ${ours.errors} errors`,
-      `per create the agent binds 2 routes and unbinds 1 (req.<message-id> claim, vm.<id>): queue.bind ${fmt(routes.bind)}, queue.unbind ${fmt(routes.unbind)} p50 alone`,
-      `per create the client first counts live agents: ${fmt(counting)} p50 alone`,
+      `per create the agent binds 2 routes and unbinds 1 (req.<message-id> claim, vm.<id>): queue.bind ${fmt(routes.bind)}, queue.unbind ${fmt(routes.unbind)} p50 alone, broker CPU ${fmt(routes.brokerCpuPerPair)} per bind+unbind pair`,
+      `per create the client first counts live agents: ${fmt(counting)} p50 alone, broker CPU ${fmt(countingCpu)} each`,
+      `CPU ms per create (${CLIENTS} clients, ${AGENTS} servers, 2 cores shared): ours ${perRequest(oursCpu.cpuMs, ours.done)}; floor ${perRequest(floorCpu.cpuMs, floorAfter.done)}`,
     ];
     if (ours.done < total) notes.push("cut short by the time budget");
     return [

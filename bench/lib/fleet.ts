@@ -17,6 +17,15 @@ export type AgentSpec = {
 export type Agent = Proc & { hostId: string; stateDir: string };
 
 let profileDir: string | null = null;
+let fromSource = false;
+
+/** With `--from-source`, agents run as `bun src/main.ts` (readable names in profiles) instead of the executable. */
+export const setFromSource = (on: boolean): void => {
+  fromSource = on;
+};
+
+const agentCommand = (): string[] =>
+  fromSource ? [process.execPath, join(ROOT, "src", "main.ts")] : [EXE];
 
 /**
  * With `--profile DIR`, every agent (and CLI run) the bench starts writes a
@@ -37,7 +46,7 @@ export const startAgent = async (spec: AgentSpec): Promise<Agent> => {
   const proc = await Proc.start(
     `agent ${spec.hostId}`,
     [
-      EXE,
+      ...agentCommand(),
       "agent",
       "--amqp-url",
       spec.url,

@@ -153,3 +153,53 @@ export const runOnce = async (
     clearTimeout(timer);
   }
 };
+
+const CLOCK_TICKS_PER_S = 100;
+
+/** CPU time (user + system) a process has used so far, in ms; 0 once it is gone. */
+export const cpuMsOf = async (pid: number): Promise<number> => {
+  const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "");
+  // Fields after the command name (which is in parentheses and may hold spaces).
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  const ticks = Number(fields[11]) + Number(fields[12]);
+  return Number.isFinite(ticks) ? (ticks * 1000) / CLOCK_TICKS_PER_S : 0;
+};
+
+/**
+ * The RabbitMQ broker's process, to read its CPU time; null if not found. Each
+ * rabbitmqctl call is a short-lived beam.smp too: the broker is the busiest one.
+ */
+export const brokerPid = async (): Promise<number | null> => {
+  const { readdir } = await import("node:fs/promises");
+  let best: { pid: number; cpu: number } | null = null;
+  for (const entry of await readdir("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const comm = await readFile(`/proc/${entry}/comm`, "utf8").catch(() => "");
+    if (comm.trim() !== "beam.smp") continue;
+    const cpu = await cpuMsOf(Number(entry));
+    if (best === null || cpu > best.cpu) best = { pid: Number(entry), cpu };
+  }
+  return best?.pid ?? null;
+};
+
+/** CPU ms used by groups of processes (and this one) while `work` runs. */
+export const cpuDuring = async <T>(
+  groups: Record<string, number[]>,
+  work: () => Promise<T>,
+): Promise<{ result: T; cpuMs: Record<string, number> }> => {
+  const read = async () => {
+    const out: Record<string, number> = {};
+    for (const [name, pids] of Object.entries(groups)) {
+      out[name] = (await Promise.all(pids.map(cpuMsOf))).reduce((a, b) => a + b, 0);
+    }
+    const self = process.cpuUsage();
+    out.client = (self.user + self.system) / 1000;
+    return out;
+  };
+  const before = await read();
+  const result = await work();
+  const after = await read();
+  const cpuMs: Record<string, number> = {};
+  for (const key of Object.keys(after)) cpuMs[key] = (after[key] ?? 0) - (before[key] ?? 0);
+  return { result, cpuMs };
+};
