@@ -95,6 +95,21 @@ export const requestRoute = (messageId: string): string => `req.${messageId}`;
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** How long stop() waits for the broker to confirm a cancel or a close. */
+const STOP_STEP_MS = 3_000;
+
+/** Waits for `work` at most `ms`; its failure or lateness is not ours to report. */
+const withinMs = async (ms: number, work: Promise<unknown>): Promise<void> => {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([
+    work.catch(() => undefined),
+    new Promise((resolve) => {
+      timer = setTimeout(resolve, ms);
+    }),
+  ]);
+  clearTimeout(timer);
+};
+
 export class AgentRouter {
   private readonly options: AgentRouterOptions;
   private session: Session | null = null;
@@ -123,15 +138,19 @@ export class AgentRouter {
   async stop(): Promise<void> {
     this.stopping = true;
     const session = this.session;
+    // On a link that died silently the broker never answers, and amqplib
+    // would wait for the heartbeat to time out (2-3 intervals): give the
+    // cancel and the close a few seconds each, then go without them.
     if (session?.alive) {
-      for (const tag of session.consumerTags) {
-        await session.consume.cancel(tag).catch(() => undefined);
-      }
+      await withinMs(
+        STOP_STEP_MS,
+        Promise.allSettled(session.consumerTags.map((tag) => session.consume.cancel(tag))),
+      );
     }
     await Promise.allSettled([...this.inFlight]);
     if (session?.alive) {
       session.alive = false;
-      await session.model.close().catch(() => undefined);
+      await withinMs(STOP_STEP_MS, session.model.close());
     }
     this.session = null;
   }
