@@ -19,6 +19,14 @@ fi
 
 bash scripts/install-qemu.sh
 
+# iproute2 (`ip`): the network-partition test puts an agent in a namespace of its own.
+if ! command -v ip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  say "installing iproute2 (ip)"
+  { as_root apt-get update -qq &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2; } ||
+    say "could not install iproute2; the network-partition test will be skipped"
+fi
+
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! broker_up; then
   if ! command -v rabbitmq-server >/dev/null 2>&1; then
