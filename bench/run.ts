@@ -16,7 +16,7 @@
 // imports (client, QEMU driver) logs only warnings; the bench reports progress.
 import "./lib/quiet.ts";
 import { mkdirSync } from "node:fs";
-import { cpus, freemem, totalmem } from "node:os";
+import { cpus, freemem, tmpdir, totalmem } from "node:os";
 import { resolve } from "node:path";
 import { figure5 } from "./figures/cli.ts";
 import { figure3 } from "./figures/create.ts";
@@ -29,6 +29,7 @@ import { installSignalCleanup, runCleanup } from "./lib/cleanup.ts";
 import type { Context, Figure } from "./lib/context.ts";
 import { ensureExecutable, fakeImages, makeVhost } from "./lib/env.ts";
 import { setFromSource, setProfileDir } from "./lib/fleet.ts";
+import { runOnce } from "./lib/procs.ts";
 import { markdownTable, notesText, type Row, textTable } from "./lib/report.ts";
 
 const FIGURES: Figure[] = [figure1, figure2, figure3, figure4, figure5, figure6, figure7];
@@ -84,7 +85,8 @@ const parseArgs = (argv: string[]): Args => {
   return args;
 };
 
-const machine = () => ({
+const machine = (stateFs: string) => ({
+  stateFs,
   cpus: cpus().length,
   cpuModel: cpus()[0]?.model ?? "unknown",
   memoryGiB: Math.round((totalmem() / 1024 ** 3) * 10) / 10,
@@ -129,7 +131,8 @@ const main = async (): Promise<number> => {
     await runCleanup();
   }
   const seconds = (performance.now() - started) / 1000;
-  const info = machine();
+  const fs = await runOnce(["findmnt", "-no", "FSTYPE", "-T", tmpdir()]).catch(() => null);
+  const info = machine(`${fs?.stdout.trim() || "unknown"} (${tmpdir()})`);
   if (args.json) {
     console.log(
       JSON.stringify({ machine: info, quick: args.quick, seconds, rows, failures }, null, 2),
@@ -137,7 +140,7 @@ const main = async (): Promise<number> => {
   } else {
     const table = args.markdown ? markdownTable(rows) : textTable(rows);
     console.log(
-      `aetherscale bench${args.quick ? " (quick)" : ""}: ${info.cpus} × ${info.cpuModel}, ${info.memoryGiB} GiB, Bun ${info.bun}, ${seconds.toFixed(0)} s`,
+      `aetherscale bench${args.quick ? " (quick)" : ""}: ${info.cpus} × ${info.cpuModel}, ${info.memoryGiB} GiB, Bun ${info.bun}, state on ${info.stateFs}, ${seconds.toFixed(0)} s`,
     );
     console.log(table);
     const notes = notesText(rows);

@@ -23,7 +23,7 @@ export const listVms = async (client: Client, expected: number): Promise<void> =
 };
 
 const run = async (ctx: Context): Promise<Row[]> => {
-  const sizes = pick(ctx, [1, 10, 50], [1, 10]);
+  const sizes = [1, 10, 50];
   const agents: Agent[] = [];
   const responders: Proc[] = [];
   const taken = new Set<string>();
@@ -59,7 +59,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
           })),
         )),
       );
-      const count = pick(ctx, n >= 50 ? 150 : 300, 60);
+      const count = n >= 50 ? pick(ctx, 150, 30) : pick(ctx, 300, 60);
       ctx.log(`figure 2: N=${n}, ${count} gathers each side`);
       const result = await interleave(
         { count, warmup: 10, block: 20, budgetMs: pick(ctx, 60_000, 15_000), minCount: 20 },

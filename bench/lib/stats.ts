@@ -35,6 +35,16 @@ export const summarize = (values: number[]): Summary => {
 export type OwnTime = { ownMs: number };
 export const ownTime = (ownMs: number): OwnTime => ({ ownMs });
 
+/** The middle value (the mean of the two middle ones for an even count). */
+export const median = (values: number[]): number => {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  if (sorted.length === 0) return Number.NaN;
+  return sorted.length % 2 === 1
+    ? (sorted[mid] as number)
+    : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
+};
+
 /** One measured run: timed as a whole, unless it returns an `OwnTime`. */
 export type Sample = () => Promise<unknown>;
 
