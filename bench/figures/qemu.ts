@@ -74,8 +74,14 @@ const run = async (ctx: Context): Promise<Row[]> => {
   type ArgumentBuilder = {
     qemuArguments(s: VmSpec, f: ReturnType<typeof vmFiles>, a: string, init: boolean): string[];
   };
+  const builder = driver as unknown as Partial<ArgumentBuilder>;
+  if (typeof builder.qemuArguments !== "function") {
+    throw new Error(
+      "QemuDriver no longer has qemuArguments(); point bench/figures/qemu.ts at the driver's argument list",
+    );
+  }
   const argumentsOf = (s: VmSpec, accel: "kvm" | "tcg"): string[] =>
-    (driver as unknown as ArgumentBuilder).qemuArguments(s, vmFiles(s), accel, false);
+    (builder as ArgumentBuilder).qemuArguments(s, vmFiles(s), accel, false);
   try {
     const ours = async (): Promise<OwnTime> => {
       const s = spec(oursRoot, vmIds(1)[0] as string);

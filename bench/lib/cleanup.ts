@@ -13,6 +13,13 @@ export const onCleanup = (
   undo: () => Promise<void> | void,
 ): (() => Promise<void>) => {
   const entry: Undo = { label, undo };
+  if (running !== null) {
+    // Cleaning up already (a signal came while a figure was still starting things): undo it now.
+    void Promise.resolve()
+      .then(undo)
+      .catch(() => undefined);
+    return async () => undefined;
+  }
   stack.push(entry);
   return async () => {
     const index = stack.indexOf(entry);
