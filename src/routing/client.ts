@@ -63,16 +63,26 @@ export class Client {
     try {
       model.on("error", (error: Error) => log.debug(`connection error: ${error.message}`));
       const channel = await model.createChannel();
-      channel.on("error", (error: Error) => log.debug(`channel error: ${error.message}`));
       const client = new Client(model, channel, options);
-      model.on("close", () => client.onClosed());
+      // The broker closes the channel on an error (a publish to an exchange that
+      // does not exist yet); the requests on it must not wait for their timeout.
+      let channelError: Error | null = null;
+      channel.on("error", (error: Error) => {
+        log.debug(`channel error: ${error.message}`);
+        channelError = error;
+      });
+      channel.on("close", () => client.onClosed(channelError));
+      model.on("close", () => client.onClosed(null));
       channel.on("return", (msg: Message) => client.onReturn(msg));
       await channel.consume(DIRECT_REPLY_TO, (msg) => client.onReply(msg), { noAck: true });
       return client;
     } catch (error) {
       await model.close().catch(() => undefined);
+      // A broker shutting down closes the connection right after accepting it.
       throw new BrokerError(
-        `The broker at ${redactUrl(options.url)} refused our channel: ${String(error)}`,
+        /Connection closed/.test(String(error))
+          ? `Lost the connection to the RabbitMQ broker at ${redactUrl(options.url)} while opening a channel: ${String(error)}`
+          : `The broker at ${redactUrl(options.url)} refused our channel: ${String(error)}`,
       );
     }
   }
@@ -196,10 +206,14 @@ export class Client {
     );
   }
 
-  private onClosed(): void {
+  private onClosed(cause: Error | null): void {
     if (this.closed) return;
     this.closed = true;
-    for (const pending of [...this.pending.values()]) pending.fail(this.lost());
+    // No exchange: no agent has declared it since the broker started.
+    const error = /NOT_FOUND - no exchange/.test(cause?.message ?? "")
+      ? this.noAgents()
+      : this.lost();
+    for (const pending of [...this.pending.values()]) pending.fail(error);
   }
 
   private onReply(msg: ConsumeMessage | null): void {
