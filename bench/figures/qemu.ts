@@ -7,7 +7,8 @@ import { mkdir, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { VmSpec } from "../../src/hypervisor/driver.ts";
 import { QemuDriver, vmFiles } from "../../src/hypervisor/drivers/qemu.ts";
-import { kvmUsable } from "../../src/hypervisor/qemu-tools.ts";
+import { createOverlay, kvmUsable } from "../../src/hypervisor/qemu-tools.ts";
+import { QmpClient } from "../../src/hypervisor/qmp.ts";
 import { onCleanup } from "../lib/cleanup.ts";
 import type { Context, Figure } from "../lib/context.ts";
 import { pick } from "../lib/context.ts";
@@ -15,9 +16,43 @@ import { tempDir, vmIds } from "../lib/env.ts";
 import { runOnce } from "../lib/procs.ts";
 import { waitRunning } from "../lib/rawqmp.ts";
 import { latencyRow, type Row } from "../lib/report.ts";
-import { interleave, type OwnTime, ownTime, sleep } from "../lib/stats.ts";
+import { interleave, type OwnTime, ownTime, sleep, summarize } from "../lib/stats.ts";
 
 const BOOT_TIMEOUT_MS = 30_000;
+
+/**
+ * Times the driver's phases from outside by wrapping its methods for the
+ * duration of the figure (a method that is gone or renamed is simply not
+ * timed). Returns the timings and a function that puts the originals back.
+ */
+const timePhases = (targets: [object, string, string][]) => {
+  const times: Record<string, number[]> = {};
+  const restore: (() => void)[] = [];
+  for (const [target, method, label] of targets) {
+    const holder = target as Record<string, unknown>;
+    const original = holder[method];
+    if (typeof original !== "function") continue;
+    holder[method] = async function (this: unknown, ...args: unknown[]) {
+      const started = performance.now();
+      try {
+        return await original.apply(this, args);
+      } finally {
+        const list = times[label] ?? [];
+        list.push(performance.now() - started);
+        times[label] = list;
+      }
+    };
+    restore.push(() => {
+      holder[method] = original;
+    });
+  }
+  return {
+    times,
+    restore: () => {
+      for (const undo of restore) undo();
+    },
+  };
+};
 
 const alive = (pid: number): boolean => existsSync(`/proc/${pid}`);
 
@@ -82,6 +117,13 @@ const run = async (ctx: Context): Promise<Row[]> => {
   }
   const argumentsOf = (s: VmSpec, accel: "kvm" | "tcg"): string[] =>
     (builder as ArgumentBuilder).qemuArguments(s, vmFiles(s), accel, false);
+  const phasesOfOurs = timePhases([
+    [QemuDriver.prototype, "spawnDaemon", "QEMU until it daemonizes"],
+    [QemuDriver.prototype, "connectQmp", "QMP connect"],
+    [QemuDriver.prototype, "waitRunning", "query-status until running"],
+    [QmpClient.prototype, "queryKvm", "query-kvm"],
+    [QemuDriver.prototype, "launch", "launch (all of QEMU)"],
+  ]);
   try {
     const ours = async (): Promise<OwnTime> => {
       const s = spec(oursRoot, vmIds(1)[0] as string);
@@ -92,6 +134,8 @@ const run = async (ctx: Context): Promise<Row[]> => {
       await driver.destroy(s);
       return ownTime(ms);
     };
+    const phases = { overlay: [] as number[], daemon: [] as number[], qmp: [] as number[] };
+    let notRunningAtFirst = 0;
     const floor = async (): Promise<OwnTime> => {
       const s = spec(floorRoot, vmIds(1)[0] as string);
       const files = vmFiles(s);
@@ -111,17 +155,23 @@ const run = async (ctx: Context): Promise<Row[]> => {
         files.disk,
       ]);
       if (overlay.code !== 0) throw new Error(`qemu-img: ${overlay.stderr}`);
+      const afterOverlay = performance.now();
       const daemon = await runOnce([qemu, ...argumentsOf(s, accel)], {
         timeoutMs: BOOT_TIMEOUT_MS,
       });
       if (daemon.code !== 0) throw new Error(`qemu-system-x86_64: ${daemon.stderr}`);
-      await waitRunning(files.qmpSocket, BOOT_TIMEOUT_MS);
+      const afterDaemon = performance.now();
+      const polls = await waitRunning(files.qmpSocket, BOOT_TIMEOUT_MS);
       const ms = performance.now() - started;
+      if (polls > 1) notRunningAtFirst++;
+      phases.overlay.push(afterOverlay - started);
+      phases.daemon.push(afterDaemon - afterOverlay);
+      phases.qmp.push(performance.now() - afterDaemon);
       await killQemuIn(files.dir);
       await rm(files.dir, { recursive: true, force: true });
       return ownTime(ms);
     };
-    const count = pick(ctx, 12, 4);
+    const count = pick(ctx, 30, 6);
     ctx.log(`figure 4: ${count} QEMU boots each side (KVM device usable: ${kvm})`);
     const result = await interleave(
       { count, warmup: 1, block: 1, budgetMs: pick(ctx, 120_000, 30_000), minCount: 3 },
@@ -129,6 +179,26 @@ const run = async (ctx: Context): Promise<Row[]> => {
       floor,
     );
     const accel = [...accelerators].join("+") || "unknown";
+    // The driver's own qemu-img step (createOverlay: node:child_process) against the floor's (Bun.spawn).
+    const overlayDir = await tempDir("qemu-overlay");
+    let k = 0;
+    const overlays = await interleave(
+      { count: pick(ctx, 20, 5), warmup: 1, block: 1, budgetMs: 20_000, minCount: 3 },
+      () => createOverlay(qemuImg, base, join(overlayDir, `a${k++}.qcow2`)),
+      () =>
+        runOnce([
+          qemuImg,
+          "create",
+          "-f",
+          "qcow2",
+          "-b",
+          base,
+          "-F",
+          "qcow2",
+          join(overlayDir, `b${k++}.qcow2`),
+        ]),
+    );
+    const p50 = (values: number[]) => summarize(values).p50.toFixed(1);
     return [
       latencyRow(
         "4",
@@ -138,11 +208,17 @@ const run = async (ctx: Context): Promise<Row[]> => {
         1.3,
         [
           `accelerator ${accel}; blank 1 GiB qcow2 base, 256 MiB, 1 vCPU`,
+          `floor phases p50: qemu-img ${p50(phases.overlay)} ms, QEMU until it daemonizes ${p50(phases.daemon)} ms, QMP until running ${p50(phases.qmp)} ms; the first query-status said "not running" in ${notRunningAtFirst} of ${phases.qmp.length} floor boots`,
+          `ours phases p50: ${Object.entries(phasesOfOurs.times)
+            .map(([label, values]) => `${label} ${p50(values)} ms`)
+            .join(", ")}`,
+          `qemu-img alone: the driver's createOverlay ${p50(overlays.ours)} ms vs Bun.spawn ${p50(overlays.floor)} ms p50`,
           ...(result.cut ? ["cut short by the time budget"] : []),
         ],
       ),
     ];
   } finally {
+    phasesOfOurs.restore();
     await undo();
   }
 };

@@ -45,8 +45,11 @@ const open = (path: string): Promise<Socket> =>
     socket.once("error", reject);
   });
 
-/** Connects to a QMP socket and returns once query-status says running (or throws at the deadline). */
-export const waitRunning = async (path: string, timeoutMs: number): Promise<void> => {
+/**
+ * Connects to a QMP socket and returns once query-status says running (or
+ * throws at the deadline), with how many query-status it took.
+ */
+export const waitRunning = async (path: string, timeoutMs: number): Promise<number> => {
   const deadline = performance.now() + timeoutMs;
   let socket: Socket | null = null;
   while (socket === null) {
@@ -62,10 +65,10 @@ export const waitRunning = async (path: string, timeoutMs: number): Promise<void
     await lines.next(); // greeting
     socket.write('{"execute":"qmp_capabilities"}\n');
     await lines.reply();
-    for (;;) {
+    for (let polls = 1; ; polls++) {
       socket.write('{"execute":"query-status"}\n');
       const reply = (await lines.reply()) as { return?: { running?: boolean } };
-      if (reply.return?.running === true) return;
+      if (reply.return?.running === true) return polls;
       if (performance.now() > deadline) throw new Error(`QMP at ${path}: not running in time`);
       await sleep(5);
     }
