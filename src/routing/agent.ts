@@ -51,6 +51,14 @@ export type AgentRouterOptions = {
 const DECLINED_HEADER = "x-aetherscale-declined";
 const DEADLINE_HEADER = "x-aetherscale-deadline";
 const HOPS_HEADER = "x-aetherscale-hops";
+/**
+ * A handed-on create-vm waits at most this long (the longest client timeout),
+ * whatever its headers say: the broker refuses an expiration that is not a
+ * whole number of milliseconds below 2^32, and closes the channel that sent it.
+ */
+const MAX_HAND_ON_TTL_MS = 86_400_000;
+/** Longest message id (in UTF-8 bytes) claimed as a `req.<id>` route; a routing key holds 255. */
+const MAX_CLAIMED_ID_BYTES = 200;
 
 type Session = {
   model: ChannelModel;
@@ -116,6 +124,8 @@ export class AgentRouter {
   private readonly inFlight = new Set<Promise<void>>();
   private stopping = false;
   private reconnecting: Promise<void> | null = null;
+  /** Messages whose reply is out, so a failure after it never sends a second one. */
+  private readonly replied = new WeakSet<ConsumeMessage>();
 
   constructor(options: AgentRouterOptions) {
     this.options = options;
@@ -162,7 +172,8 @@ export class AgentRouter {
         await this.open();
         if (!first) log.success(`reconnected to ${redactUrl(this.options.url)}`);
         return;
-      } catch (error) {
+      } catch (caught) {
+        const error = permissionError(caught, this.options.url) ?? caught;
         if (first && error instanceof AetherError && isFatal(error)) throw error;
         const text = error instanceof AetherError ? error.message : String(error);
         const wait = Math.round(delay * (0.8 + Math.random() * 0.4));
@@ -207,7 +218,8 @@ export class AgentRouter {
           exclusive: true,
         })
         .catch((error: unknown) => {
-          throw /exclusive|ACCESS.REFUSED|403/i.test(String(error))
+          // Not any ACCESS_REFUSED: a user without read permission gets one too.
+          throw /in exclusive use/.test(String(error))
             ? new BrokerError(
                 `Another agent with host id "${this.options.hostId}" is already connected to the broker`,
                 { hint: "Give every host its own --host-id.", cause: error },
@@ -216,6 +228,16 @@ export class AgentRouter {
         });
       session.consumerTags = [competing.consumerTag, own.consumerTag];
       this.session = session;
+      // A channel the broker closed (e.g. over a publish it refused) leaves the
+      // session half dead: start over on a new connection, where every
+      // unacknowledged message is redelivered.
+      for (const channel of [consume, publish, ops]) {
+        channel.on("close", () => {
+          if (!current.alive) return;
+          log.warn("the broker closed one of our channels; reconnecting");
+          void model.close().catch(() => undefined);
+        });
+      }
       log.info(
         `host ${this.options.hostId} consuming ${COMPETING_QUEUE} and ${hostQueue(this.options.hostId)} at ${redactUrl(this.options.url)}`,
       );
@@ -251,6 +273,7 @@ export class AgentRouter {
     }
     const work = this.process(session, msg).catch((error: unknown) => {
       log.error(`failed to handle a message: ${String(error)}`);
+      return this.settleFailed(session, msg, error);
     });
     this.inFlight.add(work);
     void work.finally(() => this.inFlight.delete(work));
@@ -272,7 +295,9 @@ export class AgentRouter {
         reply = errorReply(host, mismatch);
       } else {
         claim =
-          request.command === "create-vm" && messageId !== undefined && messageId.length <= 200
+          request.command === "create-vm" &&
+          messageId !== undefined &&
+          Buffer.byteLength(messageId) <= MAX_CLAIMED_ID_BYTES
             ? requestRoute(messageId)
             : null;
         if (
@@ -305,6 +330,24 @@ export class AgentRouter {
     await this.reply(session, msg, reply);
     this.ack(session, msg);
     if (claim !== null) await this.unbind(session, claim);
+  }
+
+  /**
+   * A message whose handling failed unexpectedly still gets its one reply and
+   * is acknowledged, so it can neither hang its client nor hold a prefetch
+   * slot for good. On a dead channel the next connection sees it again.
+   */
+  private async settleFailed(session: Session, msg: ConsumeMessage, error: unknown): Promise<void> {
+    try {
+      if (!this.replied.has(msg)) {
+        const reason = `Internal error on host ${this.options.hostId}: ${String(error)}`;
+        await this.reply(session, msg, errorReply(this.options.hostId, reason));
+      }
+      this.ack(session, msg);
+    } catch (again) {
+      log.warn(`could not settle the failed message either (${String(again)}); reconnecting`);
+      if (session.alive) await session.model.close().catch(() => undefined);
+    }
   }
 
   private bind(session: Session, route: string) {
@@ -366,6 +409,7 @@ export class AgentRouter {
     const options: Options.Publish = { contentType: "application/json" };
     if (msg.properties.correlationId) options.correlationId = msg.properties.correlationId;
     await this.publish(session, "", replyTo, Buffer.from(JSON.stringify(reply)), options);
+    this.replied.add(msg);
   }
 
   private publish(
@@ -422,6 +466,9 @@ export class AgentRouter {
     }
     if (Number.isFinite(deadline) && deadline <= now) {
       log.debug("a declined create-vm expired before any host took it");
+      // Its client has given up; the reply only keeps the rule "one reply per request".
+      const reason = `The create-vm expired before a host could take it (${decline.message})`;
+      await this.reply(session, msg, errorReply(this.options.hostId, reason));
       this.ack(session, msg);
       return;
     }
@@ -438,8 +485,9 @@ export class AgentRouter {
     headers[HOPS_HEADER] = hops;
     const options: Options.Publish = { ...carriedProperties(msg), headers };
     if (Number.isFinite(deadline)) {
-      headers[DEADLINE_HEADER] = deadline;
-      options.expiration = String(Math.max(1, deadline - now));
+      const ttl = Math.min(Math.max(1, Math.ceil(deadline - now)), MAX_HAND_ON_TTL_MS);
+      headers[DEADLINE_HEADER] = now + ttl;
+      options.expiration = String(ttl);
     }
     await this.publish(session, EXCHANGE, "create-vm", msg.content, options);
     this.ack(session, msg);
@@ -465,8 +513,22 @@ const CARRIED_PROPERTIES = [
 const carriedProperties = (msg: ConsumeMessage): Options.Publish =>
   Object.fromEntries(CARRIED_PROPERTIES.map((key) => [key, msg.properties[key]]));
 
-/** Errors that retrying will not cure: wrong credentials, vhost, TLS, a duplicate host id. */
+/** What retrying will not cure: credentials, vhost, TLS, a duplicate host id, a permission. */
 const isFatal = (error: AetherError): boolean =>
-  /refused the login|virtual host|TLS|already connected|Invalid AMQP URL|CA file/.test(
+  /refused the login|virtual host|TLS|already connected|Invalid AMQP URL|CA file|lacks a permission/.test(
     error.message,
   );
+
+/** An operation the broker refused because the agent's user lacks a permission, said so. */
+const permissionError = (error: unknown, url: string): BrokerError | null => {
+  const text = error instanceof Error ? error.message : String(error);
+  const refused = /ACCESS_REFUSED - (access to .*? refused for user '[^']*')/.exec(text);
+  if (!refused) return null;
+  return new BrokerError(
+    `The agent's RabbitMQ user lacks a permission at ${redactUrl(url)}: ${refused[1]}`,
+    {
+      hint: "Give the agent's user the configure, write and read permissions the README lists (Security).",
+      cause: error,
+    },
+  );
+};
