@@ -27,26 +27,35 @@ const run = async (ctx: Context): Promise<Row[]> => {
     replyFile: join(replyDir, "reply.json"),
   });
   const idle = await startAgent({ url: ctx.url, hostId: "f7-idle", imagesDir: ctx.imagesDir });
-  const ids = vmIds(BIG);
-  const big = await startAgent({
-    url: ctx.url,
-    hostId: "f7-big",
-    imagesDir: ctx.imagesDir,
-    stateDir: await prepopulatedStateDir("f7-big", ids),
-  });
   const client = await Client.connect({ url: ctx.url, timeoutMs: 30_000 });
+  /** Starts an agent with 10,000 VMs, has it serve list-vms and vm-info, and reads its memory. */
+  const bigAgent = async (hostId: string, env: Record<string, string> = {}) => {
+    const ids = vmIds(BIG);
+    const agent = await startAgent({
+      url: ctx.url,
+      hostId,
+      imagesDir: ctx.imagesDir,
+      stateDir: await prepopulatedStateDir(hostId, ids),
+      env,
+    });
+    try {
+      const afterStart = await memoryOf(agent.pid);
+      // Exercise it the way users would: whole lists and single VMs.
+      for (let i = 0; i < pick(ctx, 5, 2); i++) await listVms(client, 2);
+      for (let i = 0; i < pick(ctx, 200, 50); i++) {
+        await vmInfo(client, ids[i % ids.length] as string);
+      }
+      await sleep(SETTLE_MS);
+      return { afterStart, settled: await memoryOf(agent.pid) };
+    } finally {
+      await agent.stop();
+    }
+  };
   try {
-    const afterStart = await memoryOf(big.pid);
-    // Exercise the big agent the way users would: whole lists and single VMs.
-    for (let i = 0; i < pick(ctx, 5, 2); i++) await listVms(client, 2);
-    for (let i = 0; i < pick(ctx, 200, 50); i++)
-      await vmInfo(client, ids[i % ids.length] as string);
-    await sleep(SETTLE_MS);
-    const [idleMem, bigMem, floorMem] = await Promise.all([
-      memoryOf(idle.pid),
-      memoryOf(big.pid),
-      memoryOf(responder.pid),
-    ]);
+    const [idleMem, floorMem] = await Promise.all([memoryOf(idle.pid), memoryOf(responder.pid)]);
+    const { afterStart, settled: bigMem } = await bigAgent("f7-big");
+    // The same under Bun's --smol (a smaller heap, collected more eagerly), as a measured option.
+    const smol = await bigAgent("f7-smol", { BUN_OPTIONS: "--smol" });
     const floor = value(floorMem.rssMiB, "MiB");
     const idleStat = value(idleMem.rssMiB, "MiB");
     const bigStat = value(bigMem.rssMiB, "MiB");
@@ -87,6 +96,23 @@ const run = async (ctx: Context): Promise<Row[]> => {
       },
       {
         figure: "7",
+        what: `  same agent under bun --smol: settled / peak`,
+        ours: value(
+          smol.settled.rssMiB,
+          "MiB",
+          1,
+          `${smol.settled.rssMiB.toFixed(1)} / ${smol.settled.hwmMiB.toFixed(1)} MiB`,
+        ),
+        floor,
+        ratio: ratioOf(value(smol.settled.hwmMiB, "MiB"), floor),
+        target: "—",
+        pass: null,
+        notes: [
+          "BUN_OPTIONS=--smol; informational: what building with --smol would buy; ratio is of the peak",
+        ],
+      },
+      {
+        figure: "7",
         what: "size of dist/aetherscale",
         ours: exe,
         floor: runtime,
@@ -98,7 +124,6 @@ const run = async (ctx: Context): Promise<Row[]> => {
     ];
   } finally {
     await client.close();
-    await big.stop();
     await idle.stop();
     await responder.stop();
   }

@@ -12,6 +12,8 @@ export type AgentSpec = {
   stateDir?: string;
   driver?: "fake" | "qemu";
   extra?: string[];
+  /** Extra environment, e.g. BUN_OPTIONS. */
+  env?: Record<string, string>;
 };
 
 export type Agent = Proc & { hostId: string; stateDir: string };
@@ -60,7 +62,7 @@ export const startAgent = async (spec: AgentSpec): Promise<Agent> => {
       spec.driver ?? "fake",
       ...(spec.extra ?? []),
     ],
-    { readyText: "is ready", readyTimeoutMs: 120_000, env: profileEnv() },
+    { readyText: "is ready", readyTimeoutMs: 120_000, env: { ...spec.env, ...profileEnv() } },
   );
   return Object.assign(proc, { hostId: spec.hostId, stateDir });
 };
