@@ -209,10 +209,22 @@ export class Client {
   private onClosed(cause: Error | null): void {
     if (this.closed) return;
     this.closed = true;
-    // No exchange: no agent has declared it since the broker started.
-    const error = /NOT_FOUND - no exchange/.test(cause?.message ?? "")
-      ? this.noAgents()
-      : this.lost();
+    const text = cause?.message ?? "";
+    const refused = /ACCESS_REFUSED - (access to .*? refused for user '[^']*')/.exec(text);
+    let error: BrokerError;
+    if (/NOT_FOUND - no exchange/.test(text)) {
+      // No exchange: no agent has declared it since the broker started.
+      error = this.noAgents();
+    } else if (refused) {
+      error = new BrokerError(
+        `The RabbitMQ broker at ${redactUrl(this.options.url)} refused: ${refused[1]}`,
+        {
+          hint: "A client's user needs write permission on the exchange computing (see the README, Security).",
+        },
+      );
+    } else {
+      error = this.lost();
+    }
     for (const pending of [...this.pending.values()]) pending.fail(error);
   }
 
