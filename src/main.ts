@@ -140,6 +140,8 @@ const main = async (rawArgs: string[]): Promise<number> => {
   }
 };
 
-const code = await main(process.argv.slice(2));
-// Sockets of a failed broker connection may linger; the outcome is decided.
-process.exit(code);
+// No top-level await: the executable is compiled to bytecode, which needs none.
+void main(process.argv.slice(2)).then((code) => {
+  // Sockets of a failed broker connection may linger; the outcome is decided.
+  process.exit(code);
+});

@@ -47,6 +47,7 @@ export class Client {
   private readonly pending = new Map<string, Pending>();
   private readonly returned = new Map<string, () => void>();
   private closed = false;
+  private checks: Channel | null = null;
 
   private constructor(model: ChannelModel, channel: Channel, options: ClientOptions) {
     this.model = model;
@@ -97,17 +98,22 @@ export class Client {
 
   /** How many agents consume create-vm right now: one per live host. */
   async liveAgents(): Promise<number> {
-    // A passive declare of a missing queue closes its channel, so it gets its own.
-    const channel = await this.model.createChannel().catch(() => {
-      throw this.lost();
-    });
-    channel.on("error", () => undefined);
+    // A passive declare of a missing queue closes its channel, so checks get a
+    // channel of their own, kept while it lives and made again after.
+    if (this.checks === null) {
+      const channel = await this.model.createChannel().catch(() => {
+        throw this.lost();
+      });
+      channel.on("error", () => undefined);
+      channel.on("close", () => {
+        if (this.checks === channel) this.checks = null;
+      });
+      this.checks = channel;
+    }
     try {
-      return (await channel.checkQueue(COMPETING_QUEUE)).consumerCount;
+      return (await this.checks.checkQueue(COMPETING_QUEUE)).consumerCount;
     } catch {
       return 0;
-    } finally {
-      await channel.close().catch(() => undefined);
     }
   }
 
