@@ -100,12 +100,24 @@ const killGroup = (child: ChildProcess | null): void => {
 
 const live = new Set<PrivateBroker>();
 let hooked = false;
+/** A test process that exits or is interrupted takes its nodes with it. */
 const hookExit = () => {
   if (hooked) return;
   hooked = true;
-  process.on("exit", () => {
+  const destroyAll = () => {
     for (const broker of live) broker.destroySync();
-  });
+  };
+  process.on("exit", destroyAll);
+  for (const [signal, code] of [
+    ["SIGINT", 130],
+    ["SIGTERM", 143],
+    ["SIGHUP", 129],
+  ] as const) {
+    process.once(signal, () => {
+      destroyAll();
+      process.exit(code);
+    });
+  }
 };
 
 export class PrivateBroker {
@@ -164,7 +176,7 @@ export class PrivateBroker {
   }
 
   private writeConfig(tls: TlsListener | undefined): void {
-    for (const sub of ["home", "mnesia", "log"])
+    for (const sub of ["home", "mnesia", "log", "conf.d"])
       mkdirSync(join(this.dir, sub), { recursive: true });
     const lines = [
       `listeners.tcp.1 = 127.0.0.1:${this.port}`,
@@ -211,6 +223,9 @@ export class PrivateBroker {
       RABBITMQ_MNESIA_BASE: join(this.dir, "mnesia"),
       RABBITMQ_LOG_BASE: join(this.dir, "log"),
       RABBITMQ_CONFIG_FILE: join(this.dir, "rabbitmq.conf"),
+      // Neither /etc/rabbitmq/conf.d nor /etc/rabbitmq/advanced.config.
+      RABBITMQ_CONFIG_FILES: join(this.dir, "conf.d"),
+      RABBITMQ_ADVANCED_CONFIG_FILE: join(this.dir, "advanced.config"),
       RABBITMQ_CONF_ENV_FILE: join(this.dir, "rabbitmq-env.conf"),
       RABBITMQ_ENABLED_PLUGINS_FILE: join(this.dir, "enabled_plugins"),
       RABBITMQ_PID_FILE: join(this.dir, "rabbitmq.pid"),
