@@ -64,6 +64,8 @@ export class StateStore {
   readonly path: string;
   private readonly doc: StateDocument;
   private readonly byRequest = new Map<string, string>();
+  /** Each record as JSON, kept from put() to put(): writes and lists join these. */
+  private readonly serialized = new Map<string, string>();
   private writing: Promise<void> | null = null;
   private pending: Deferred | null = null;
   private closed = false;
@@ -72,7 +74,10 @@ export class StateStore {
     this.dir = dir;
     this.path = join(dir, STATE_FILE);
     this.doc = doc;
-    for (const record of Object.values(doc.vms)) this.indexRequest(record);
+    for (const record of Object.values(doc.vms)) {
+      this.indexRequest(record);
+      this.serialized.set(record["vm-id"], JSON.stringify(record));
+    }
   }
 
   /**
@@ -137,6 +142,7 @@ export class StateStore {
       );
     }
     this.doc.vms[record["vm-id"]] = checked.output;
+    this.serialized.set(record["vm-id"], JSON.stringify(checked.output));
     this.indexRequest(checked.output);
   }
 
@@ -144,6 +150,12 @@ export class StateStore {
     const record = this.get(vmId);
     if (record?.["request-id"] !== undefined) this.byRequest.delete(record["request-id"]);
     delete this.doc.vms[vmId];
+    this.serialized.delete(vmId);
+  }
+
+  /** Every record as one JSON array, without serializing them again. */
+  listJson(): string {
+    return `[${[...this.serialized.values()].join(",")}]`;
   }
 
   /** Resolves once every change made before the call is on disk. */
@@ -175,7 +187,8 @@ export class StateStore {
     const batch = this.pending;
     if (batch === null) return;
     this.pending = null;
-    const data = JSON.stringify(this.doc);
+    const vms = [...this.serialized].map(([id, json]) => `${JSON.stringify(id)}:${json}`);
+    const data = `{"format":1,"host":${JSON.stringify(this.doc.host)},"vms":{${vms.join(",")}}}`;
     this.writing = writeFileAtomic(this.path, data).then(
       () => batch.resolve(),
       (error: unknown) =>

@@ -5,6 +5,7 @@ import type { Channel, ChannelModel, ConfirmChannel, ConsumeMessage, Options } f
 import { AetherError, BrokerError, CommandError, DeclineError } from "../errors.ts";
 import { logger } from "../log.ts";
 import {
+  encodeReply,
   errorReply,
   type ParsedRequest,
   parseRequest,
@@ -408,7 +409,7 @@ export class AgentRouter {
     if (!replyTo) return;
     const options: Options.Publish = { contentType: "application/json" };
     if (msg.properties.correlationId) options.correlationId = msg.properties.correlationId;
-    await this.publish(session, "", replyTo, Buffer.from(JSON.stringify(reply)), options);
+    await this.publish(session, "", replyTo, Buffer.from(encodeReply(reply)), options);
     this.replied.add(msg);
   }
 
