@@ -130,6 +130,7 @@ export class Host {
       const earlier = this.store.byRequestId(context.requestId);
       if (earlier !== undefined) {
         log.info(`request ${context.requestId} was redelivered; VM ${earlier["vm-id"]} exists`);
+        if (neverRan(earlier)) return this.finishCreate(earlier["vm-id"], options);
         return { status: "starting", "vm-id": earlier["vm-id"] };
       }
     }
@@ -160,23 +161,52 @@ export class Host {
     return this.withVm(id, async () => {
       // On disk before QEMU starts, so a crash never leaves a process without a record.
       await this.store.flush();
-      try {
-        const run = await this.driver.create({
-          ...this.spec(record),
-          initScript: options["init-script"],
-        });
-        await this.save(id, { status: "running", ...runFields(run) });
-      } catch (error) {
-        log.error(`VM ${id} could not be created: ${String(error)}`);
-        await this.driver.destroy(this.spec(record)).catch(() => undefined);
-        this.forget(id);
-        await this.store.flush();
-        throw new CommandError(
-          `Could not create VM from image "${options.image}": ${messageOf(error)}`,
-        );
-      }
-      return { status: "starting", "vm-id": id };
+      return this.boot(record, options);
     });
+  }
+
+  /**
+   * A redelivered create-vm whose VM never ran: the agent died while making it
+   * (reconcile found no process and marked it crashed). Its client was never
+   * answered, so finish the job rather than report a VM that does not run:
+   * clear what the first attempt left (a partial disk, a QEMU that had not yet
+   * written its pid file) and create it again under the same id.
+   */
+  private finishCreate(vmId: string, options: CreateVmOptions): Promise<VmStatusReply> {
+    return this.withVm(vmId, async () => {
+      const record = this.store.get(vmId);
+      if (record === undefined) throw new CommandError(Reasons.vmDoesNotExist);
+      if (!neverRan(record)) return { status: "starting", "vm-id": vmId };
+      log.info(`VM ${vmId} never ran: creating it again`);
+      await this.driver.destroy(this.spec(record)).catch((error: unknown) => {
+        throw new CommandError(
+          `Could not clear the first attempt at VM ${vmId}: ${messageOf(error)}`,
+        );
+      });
+      await this.save(vmId, { status: "creating" });
+      return this.boot(record, options);
+    });
+  }
+
+  /** Makes the VM's disk and boots it; on failure nothing of it is left, record included. */
+  private async boot(record: VmRecord, options: CreateVmOptions): Promise<VmStatusReply> {
+    const id = record["vm-id"];
+    try {
+      const run = await this.driver.create({
+        ...this.spec(record),
+        initScript: options["init-script"],
+      });
+      await this.save(id, { status: "running", ...runFields(run) });
+    } catch (error) {
+      log.error(`VM ${id} could not be created: ${String(error)}`);
+      await this.driver.destroy(this.spec(record)).catch(() => undefined);
+      this.forget(id);
+      await this.store.flush();
+      throw new CommandError(
+        `Could not create VM from image "${options.image}": ${messageOf(error)}`,
+      );
+    }
+    return { status: "starting", "vm-id": id };
   }
 
   async startVm(vmId: string): Promise<VmStatusReply> {
@@ -336,6 +366,10 @@ export class Host {
     if (changed > 0) await this.store.flush();
   }
 }
+
+/** A VM whose create was cut short: it never got an accelerator, so it never ran. */
+const neverRan = (record: VmRecord): boolean =>
+  record.status === "crashed" && record.accelerator === null && record.pid === null;
 
 const runFields = (run: RunInfo): Partial<VmRecord> => ({
   pid: run.pid,

@@ -127,10 +127,12 @@ export class Agent {
     const ready = new Promise<void>((resolveReady, reject) => {
       const decoder = new TextDecoder();
       let settled = false;
+      // The log spans restarts: only this process's own line counts.
+      const from = this.log.length;
       void (async () => {
         for await (const chunk of proc.stderr) {
           this.log += decoder.decode(chunk);
-          if (!settled && this.log.includes("is ready")) {
+          if (!settled && this.log.includes("is ready", from)) {
             settled = true;
             resolveReady();
           }
