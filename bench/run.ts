@@ -27,7 +27,7 @@ import { figure6 } from "./figures/scale.ts";
 import { figure1 } from "./figures/targeted.ts";
 import { installSignalCleanup, runCleanup } from "./lib/cleanup.ts";
 import type { Context, Figure } from "./lib/context.ts";
-import { ensureExecutable, fakeImages, makeVhost } from "./lib/env.ts";
+import { ensureExecutable, fakeImages, makeVhost, snapshotExecutable } from "./lib/env.ts";
 import { setFromSource, setProfileDir } from "./lib/fleet.ts";
 import { runOnce } from "./lib/procs.ts";
 import { markdownTable, notesText, type Row, textTable } from "./lib/report.ts";
@@ -110,6 +110,7 @@ const main = async (): Promise<number> => {
   const failures: { figure: number; error: string }[] = [];
   try {
     log(`executable: ${await ensureExecutable(args.build)}`);
+    await snapshotExecutable();
     const vhost = await makeVhost();
     log(`vhost ${vhost.name}${args.quick ? " (quick run)" : ""}`);
     const ctx: Context = { url: vhost.url, quick: args.quick, imagesDir: await fakeImages(), log };

@@ -3,7 +3,7 @@
 // program (bench/floor-cli.ts) making the same broadcast to the same agents.
 import { join } from "node:path";
 import { type Context, type Figure, pick } from "../lib/context.ts";
-import { EXE, prepopulatedStateDir, ROOT, tempDir, vmIds } from "../lib/env.ts";
+import { exe, prepopulatedStateDir, ROOT, tempDir, vmIds } from "../lib/env.ts";
 import { profileEnv, startAgents, stopAll } from "../lib/fleet.ts";
 import { runOnce } from "../lib/procs.ts";
 import { latencyRow, type Row } from "../lib/report.ts";
@@ -56,7 +56,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
   const agents = await startAgents(specs);
   try {
     const ours = async () => {
-      const r = await runOnce([EXE, "vm", "list", "--json", "--amqp-url", ctx.url], {
+      const r = await runOnce([exe(), "vm", "list", "--json", "--amqp-url", ctx.url], {
         env: profileEnv(),
       });
       const parsed = r.code === 0 ? (JSON.parse(r.stdout) as unknown[]) : [];
@@ -86,7 +86,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
         result.floor,
         1.5,
         [
-          `floor: compiled minimal Bun program (bytecode ${bytecode ? "on" : "off"}, as in scripts/build.ts), ${size(floorExe).toFixed(1)} MiB; ours ${size(EXE).toFixed(1)} MiB`,
+          `floor: compiled minimal Bun program (bytecode ${bytecode ? "on" : "off"}, as in scripts/build.ts), ${size(floorExe).toFixed(1)} MiB; ours ${size(exe()).toFixed(1)} MiB`,
           ...(result.cut ? ["cut short by the time budget"] : []),
         ],
       ),

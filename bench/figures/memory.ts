@@ -5,7 +5,7 @@ import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Client } from "../../src/routing/client.ts";
 import { type Context, type Figure, pick } from "../lib/context.ts";
-import { EXE, prepopulatedStateDir, tempDir, vmIds } from "../lib/env.ts";
+import { exe, prepopulatedStateDir, tempDir, vmIds } from "../lib/env.ts";
 import { startAgent, startResponder } from "../lib/fleet.ts";
 import { memoryOf } from "../lib/procs.ts";
 import { type Row, ratioOf, value } from "../lib/report.ts";
@@ -59,7 +59,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
     const floor = value(floorMem.rssMiB, "MiB");
     const idleStat = value(idleMem.rssMiB, "MiB");
     const bigStat = value(bigMem.rssMiB, "MiB");
-    const exe = value(Bun.file(EXE).size / 1024 / 1024, "MiB");
+    const exeSize = value(Bun.file(exe()).size / 1024 / 1024, "MiB");
     const runtime = value(Bun.file(process.execPath).size / 1024 / 1024, "MiB");
     return [
       {
@@ -114,9 +114,9 @@ const run = async (ctx: Context): Promise<Row[]> => {
       {
         figure: "7",
         what: "size of dist/aetherscale",
-        ours: exe,
+        ours: exeSize,
         floor: runtime,
-        ratio: ratioOf(exe, runtime),
+        ratio: ratioOf(exeSize, runtime),
         target: "—",
         pass: null,
         notes: ["floor: the Bun runtime binary every compiled executable embeds"],

@@ -2,7 +2,7 @@
 // src/), a RabbitMQ vhost of its own, temporary directories, fake images and
 // pre-populated state files. Everything made here is registered for cleanup.
 import { existsSync, readdirSync, statSync } from "node:fs";
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { chmod, copyFile, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import type { VmRecord } from "../../src/protocol/messages.ts";
@@ -35,6 +35,22 @@ export const ensureExecutable = async (allowBuild: boolean): Promise<string> => 
   });
   if (built.code !== 0) throw new Error(`the build failed:\n${built.stderr}`);
   return "rebuilt";
+};
+
+let snapshot: string | null = null;
+
+/** The executable the bench runs: its own copy of dist/aetherscale once `snapshotExecutable` ran. */
+export const exe = (): string => snapshot ?? EXE;
+
+/**
+ * Copies dist/aetherscale into the run's temp dir and runs that copy, so a
+ * rebuild by someone else during the run cannot hand an agent a half-written file.
+ */
+export const snapshotExecutable = async (): Promise<void> => {
+  const path = join(await tempDir("exe"), "aetherscale");
+  await copyFile(EXE, path);
+  await chmod(path, 0o755);
+  snapshot = path;
 };
 
 const rabbitmqctl = async (...args: string[]): Promise<void> => {

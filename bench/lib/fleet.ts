@@ -2,7 +2,7 @@
 // (separate Bun processes running bench/responder.ts), started the same way so
 // that our side and its floor pay the same process and scheduling costs.
 import { join } from "node:path";
-import { EXE, ROOT, tempDir } from "./env.ts";
+import { exe, ROOT, tempDir } from "./env.ts";
 import { mapLimit, Proc } from "./procs.ts";
 
 export type AgentSpec = {
@@ -27,7 +27,7 @@ export const setFromSource = (on: boolean): void => {
 };
 
 const agentCommand = (): string[] =>
-  fromSource ? [process.execPath, join(ROOT, "src", "main.ts")] : [EXE];
+  fromSource ? [process.execPath, join(ROOT, "src", "main.ts")] : [exe()];
 
 /**
  * With `--profile DIR`, every agent (and CLI run) the bench starts writes a
