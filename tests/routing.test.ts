@@ -320,6 +320,44 @@ describe("the agent checks what it is sent", () => {
   });
 });
 
+describe("forged reply addresses", () => {
+  test("a reply_to the broker cannot deliver to costs no consumer and no redelivery loop", async () => {
+    const forged = [
+      // Not a pid term at all: dropped before it is sent.
+      "amq.rabbitmq.reply-to.Zm9vYmFy.AAAA",
+      // A well-formed pid of a node that does not exist: the broker closes the
+      // connection that publishes it.
+      "amq.rabbitmq.reply-to.g1h2AA1yZXBseUAxMjM0NTY3AABEKgAAAA5rCgIC.AAAA",
+    ];
+    const connection = await amqp.connect(vhost.url);
+    try {
+      const channel = await connection.createConfirmChannel();
+      for (const replyTo of forged) {
+        channel.publish(
+          "computing",
+          "list-vms",
+          Buffer.from(JSON.stringify({ command: "list-vms" })),
+          {
+            replyTo,
+          },
+        );
+      }
+      await channel.waitForConfirms();
+    } finally {
+      await connection.close();
+    }
+    await Bun.sleep(1000);
+    for (const agent of agents.filter((candidate) => candidate.proc.exitCode === null)) {
+      expect(agent.log).toContain("dropped an undeliverable reply");
+      expect(agent.log).not.toContain("lost the connection to the broker");
+    }
+    const list = await cliJson(["vm", "list"], vhost.url, 10);
+    expect(list.code).toBe(0);
+    expect(list.replies).toHaveLength(3);
+    expect(list.ms).toBeLessThan(3000);
+  });
+});
+
 describe("hosts that die or restart", () => {
   test("a restarted agent keeps its VMs and answers for them", async () => {
     const created = await cliJson(["vm", "create", "--image", "other"], vhost.url);

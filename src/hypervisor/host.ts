@@ -7,6 +7,7 @@ import {
   type CreateVmOptions,
   type HostInfo,
   type ParsedRequest,
+  RawJson,
   Reasons,
   type StopVmOptions,
   type VmRecord,
@@ -94,7 +95,7 @@ export class Host {
       case "create-vm":
         return this.createVm(request.options, context);
       case "list-vms":
-        return this.store.all();
+        return new RawJson(this.store.listJson());
       case "list-hosts":
         return this.info();
       case "vm-info":

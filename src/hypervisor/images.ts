@@ -45,13 +45,21 @@ export class ImageStore {
     return real;
   }
 
-  /** Names of the images this host has, for `hosts`. */
+  /** Names of the images this host can create VMs from, for `hosts`. */
   async list(): Promise<string[]> {
     const entries = await readdir(this.dir).catch(() => [] as string[]);
-    return entries
+    const names = entries
       .filter((entry) => entry.endsWith(IMAGE_SUFFIX))
       .map((entry) => entry.slice(0, -IMAGE_SUFFIX.length))
-      .filter((name) => IMAGE_NAME_PATTERN.test(name))
-      .sort();
+      .filter((name) => IMAGE_NAME_PATTERN.test(name));
+    const usable = await Promise.all(
+      names.map((name) =>
+        this.resolve(name).then(
+          () => true,
+          () => false,
+        ),
+      ),
+    );
+    return names.filter((_, index) => usable[index]).sort();
   }
 }

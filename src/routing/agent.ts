@@ -16,6 +16,7 @@ import {
   vmRoute,
 } from "../protocol/messages.ts";
 import { connect, redactUrl } from "./connection.ts";
+import { ReplyLine } from "./replies.ts";
 import {
   bindVm,
   COMPETING_QUEUE,
@@ -49,6 +50,11 @@ export type AgentRouterOptions = {
 };
 
 /** Headers a declining agent adds when it hands a create-vm on. */
+/**
+ * Longest pause between reconnect attempts. Short, because until an agent is
+ * back its VMs' routes may be gone (a restarted broker forgets them).
+ */
+const RECONNECT_MAX_MS = 5_000;
 const DECLINED_HEADER = "x-aetherscale-declined";
 const DEADLINE_HEADER = "x-aetherscale-deadline";
 const HOPS_HEADER = "x-aetherscale-hops";
@@ -125,11 +131,13 @@ export class AgentRouter {
   private readonly inFlight = new Set<Promise<void>>();
   private stopping = false;
   private reconnecting: Promise<void> | null = null;
+  private readonly replies: ReplyLine;
   /** Messages whose reply is out, so a failure after it never sends a second one. */
   private readonly replied = new WeakSet<ConsumeMessage>();
 
   constructor(options: AgentRouterOptions) {
     this.options = options;
+    this.replies = new ReplyLine(() => this.dial(`aetherscale agent ${options.hostId} replies`));
   }
 
   get hostId(): string {
@@ -163,6 +171,7 @@ export class AgentRouter {
       session.alive = false;
       await withinMs(STOP_STEP_MS, session.model.close());
     }
+    await withinMs(STOP_STEP_MS, this.replies.close());
     this.session = null;
   }
 
@@ -180,18 +189,23 @@ export class AgentRouter {
         const wait = Math.round(delay * (0.8 + Math.random() * 0.4));
         log.warn(`${text}; retrying in ${(wait / 1000).toFixed(1)} s (attempt ${attempt})`);
         await sleep(wait);
-        delay = Math.min(delay * 2, 15_000);
+        delay = Math.min(delay * 2, RECONNECT_MAX_MS);
       }
     }
   }
 
-  private async open(): Promise<void> {
-    const model = await connect(this.options.url, {
-      timeoutMs: this.options.connectTimeoutMs ?? 10_000,
-      name: `aetherscale agent ${this.options.hostId}`,
-      caFile: this.options.caFile,
-      ...(this.options.heartbeatS === undefined ? {} : { heartbeatS: this.options.heartbeatS }),
+  private dial(name: string) {
+    const { url, connectTimeoutMs, caFile, heartbeatS } = this.options;
+    return connect(url, {
+      timeoutMs: connectTimeoutMs ?? 10_000,
+      name,
+      caFile,
+      ...(heartbeatS === undefined ? {} : { heartbeatS }),
     });
+  }
+
+  private async open(): Promise<void> {
+    const model = await this.dial(`aetherscale agent ${this.options.hostId}`);
     let session: Session | null = null;
     // A failure while setting up must not leave a half-open connection behind.
     try {
@@ -409,7 +423,15 @@ export class AgentRouter {
     if (!replyTo) return;
     const options: Options.Publish = { contentType: "application/json" };
     if (msg.properties.correlationId) options.correlationId = msg.properties.correlationId;
-    await this.publish(session, "", replyTo, Buffer.from(encodeReply(reply)), options);
+    try {
+      await this.replies.publish(replyTo, Buffer.from(encodeReply(reply)), options);
+    } catch (error) {
+      // With the broker gone the message is redelivered and answered later;
+      // with the broker there, this one reply cannot be delivered, and holding
+      // the message back would only bring it round again.
+      if (!session.alive) throw error;
+      log.warn(`dropped an undeliverable reply to "${replyTo.slice(0, 80)}": ${String(error)}`);
+    }
     this.replied.add(msg);
   }
 

@@ -81,7 +81,7 @@ export class Client {
       await model.close().catch(() => undefined);
       // A broker shutting down closes the connection right after accepting it.
       throw new BrokerError(
-        /Connection closed/.test(String(error))
+        /Connection closed|Channel closed|IllegalOperationError/.test(String(error))
           ? `Lost the connection to the RabbitMQ broker at ${redactUrl(options.url)} while opening a channel: ${String(error)}`
           : `The broker at ${redactUrl(options.url)} refused our channel: ${String(error)}`,
       );
