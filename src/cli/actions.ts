@@ -11,6 +11,7 @@ import {
 } from "../protocol/messages.ts";
 import { requestAll, requestCreate, requestVm } from "../routing/requests.ts";
 import { type ClientFlags, clientOptionsFrom, integerArg } from "./args.ts";
+import { knownHosts, rememberHosts } from "./known-hosts.ts";
 import { report, type Success, table, withFeedback } from "./output.ts";
 
 export type CreateFlags = ClientFlags & {
@@ -164,32 +165,25 @@ export const vmCommand = async (
   );
 };
 
-export const listVms = async (flags: ClientFlags, json: boolean): Promise<void> => {
+/** A broadcast to every host, naming the hosts this user has seen before if some stay silent. */
+const broadcast = async (
+  flags: ClientFlags,
+  json: boolean,
+  command: "list-vms" | "list-hosts",
+  render: (successes: Success[]) => string,
+): Promise<void> => {
   const options = clientOptionsFrom(flags, "read");
-  report(
-    await withFeedback(
-      "every host's VM list",
-      requestAll(options, { command: "list-vms", options: {} }),
-    ),
-    {
-      json,
-      timeoutMs: options.timeoutMs,
-      render: renderVmTable,
-    },
+  const outcome = await withFeedback(
+    "every host to answer",
+    requestAll(options, { command, options: {} }, await knownHosts(options.url)),
   );
+  const answered = outcome.replies.flatMap((reply) => reply["execution-info"].host ?? []);
+  await rememberHosts(options.url, answered);
+  report(outcome, { json, timeoutMs: options.timeoutMs, render });
 };
 
-export const listHosts = async (flags: ClientFlags, json: boolean): Promise<void> => {
-  const options = clientOptionsFrom(flags, "read");
-  report(
-    await withFeedback(
-      "every host to answer",
-      requestAll(options, { command: "list-hosts", options: {} }),
-    ),
-    {
-      json,
-      timeoutMs: options.timeoutMs,
-      render: renderHosts,
-    },
-  );
-};
+export const listVms = (flags: ClientFlags, json: boolean) =>
+  broadcast(flags, json, "list-vms", renderVmTable);
+
+export const listHosts = (flags: ClientFlags, json: boolean) =>
+  broadcast(flags, json, "list-hosts", renderHosts);

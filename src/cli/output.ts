@@ -60,9 +60,15 @@ export const report = (
   }
   if (outcome.missing > 0) {
     const answered = [...new Set(replies.map(hostOf).filter(Boolean))].sort();
+    const silent = outcome.silent ?? [];
+    const named =
+      silent.length > 0
+        ? `: ${silent.join(", ")}`
+        : answered.length > 0
+          ? ` (answered: ${answered.join(", ")})`
+          : "";
     process.stderr.write(
-      `warning: ${outcome.missing} of ${outcome.expected} hosts did not answer within ${options.timeoutMs / 1000} s` +
-        `${answered.length > 0 ? ` (answered: ${answered.join(", ")})` : ""}\n`,
+      `warning: ${outcome.missing} of ${outcome.expected} hosts did not answer within ${options.timeoutMs / 1000} s${named}\n`,
     );
   }
   if (errors.length > 0) throw new RepliesFailed(`${errors.length} error reply(ies)`);

@@ -13,7 +13,7 @@ import {
   vmRoute,
 } from "../protocol/messages.ts";
 import { connect, redactUrl } from "./connection.ts";
-import { COMPETING_QUEUE, EXCHANGE } from "./topology.ts";
+import { COMPETING_QUEUE, EXCHANGE, hostQueue } from "./topology.ts";
 
 const log = logger.withTag("client");
 const DIRECT_REPLY_TO = "amq.rabbitmq.reply-to";
@@ -98,8 +98,19 @@ export class Client {
 
   /** How many agents consume create-vm right now: one per live host. */
   async liveAgents(): Promise<number> {
-    // A passive declare of a missing queue closes its channel, so checks get a
-    // channel of their own, kept while it lives and made again after.
+    const checks = await this.checkChannel();
+    try {
+      return (await checks.checkQueue(COMPETING_QUEUE)).consumerCount;
+    } catch {
+      return 0;
+    }
+  }
+
+  /**
+   * A passive declare of a missing queue closes its channel, so checks get a
+   * channel of their own, kept while it lives and made again after.
+   */
+  private async checkChannel(): Promise<Channel> {
     if (this.checks === null) {
       const channel = await this.model.createChannel().catch(() => {
         throw this.lost();
@@ -110,11 +121,24 @@ export class Client {
       });
       this.checks = channel;
     }
-    try {
-      return (await this.checks.checkQueue(COMPETING_QUEUE)).consumerCount;
-    } catch {
-      return 0;
+    return this.checks;
+  }
+
+  /**
+   * Which of these hosts are live (their agent consumes their queue): after a
+   * broadcast, the ones among them that did not answer are the silent ones.
+   */
+  async liveHosts(hostIds: string[]): Promise<string[]> {
+    const live: string[] = [];
+    for (const hostId of hostIds) {
+      const checks = await this.checkChannel();
+      const count = await checks.checkQueue(hostQueue(hostId)).then(
+        (queue) => queue.consumerCount,
+        () => 0,
+      );
+      if (count > 0) live.push(hostId);
     }
+    return live;
   }
 
   /** A command for one VM, to the one host that holds it (`vm.<id>`, mandatory). */

@@ -9,6 +9,8 @@ export type Outcome = {
   expected: number;
   /** Agents that did not answer before the timeout. */
   missing: number;
+  /** Of the hosts the caller expected, those live but silent (when some were missing). */
+  silent?: string[];
 };
 
 const withClient = async <T>(options: ClientOptions, use: (client: Client) => Promise<T>) => {
@@ -30,6 +32,19 @@ export const requestVm = (options: ClientOptions, request: Request, vmId: string
 export const requestCreate = (options: ClientOptions, request: Request) =>
   withClient(options, async (client) => single(await client.create(request)));
 
-/** A broadcast, gathered from every live host. */
-export const requestAll = (options: ClientOptions, request: Request): Promise<Outcome> =>
-  withClient(options, (client) => client.gather(request));
+/**
+ * A broadcast, gathered from every live host. When some did not answer, the
+ * `knownHosts` the caller has seen before are checked to name them.
+ */
+export const requestAll = (
+  options: ClientOptions,
+  request: Request,
+  knownHosts: string[] = [],
+): Promise<Outcome> =>
+  withClient(options, async (client) => {
+    const gathered = await client.gather(request);
+    if (gathered.missing === 0) return gathered;
+    const answered = new Set(gathered.replies.map((reply) => reply["execution-info"].host));
+    const silent = await client.liveHosts(knownHosts.filter((host) => !answered.has(host)));
+    return { ...gathered, silent };
+  });
