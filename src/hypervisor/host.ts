@@ -55,6 +55,7 @@ export class Host {
   /** Per-VM queue of operations, so two commands for one VM never interleave. */
   private readonly vmLocks = new Map<string, Promise<unknown>>();
   private used = { vms: 0, memory: 0 };
+  private listCache: RawJson | null = null;
 
   private constructor(options: HostOptions, store: StateStore) {
     this.id = options.hostId;
@@ -95,7 +96,7 @@ export class Host {
       case "create-vm":
         return this.createVm(request.options, context);
       case "list-vms":
-        return new RawJson(this.store.listJson());
+        return this.listed();
       case "list-hosts":
         return this.info();
       case "vm-info":
@@ -107,6 +108,13 @@ export class Host {
       case "delete-vm":
         return this.deleteVm(request.options["vm-id"]);
     }
+  }
+
+  /** The VM list, as one object for as long as the store does not change, so its bytes can be reused. */
+  private listed(): RawJson {
+    const json = this.store.listJson();
+    if (this.listCache?.json !== json) this.listCache = new RawJson(json);
+    return this.listCache;
   }
 
   async info(): Promise<HostInfo> {

@@ -66,6 +66,7 @@ export class StateStore {
   private readonly byRequest = new Map<string, string>();
   /** Each record as JSON, kept from put() to put(): writes and lists join these. */
   private readonly serialized = new Map<string, string>();
+  private list: string | null = null;
   private writing: Promise<void> | null = null;
   private pending: Deferred | null = null;
   private closed = false;
@@ -143,6 +144,7 @@ export class StateStore {
     }
     this.doc.vms[record["vm-id"]] = checked.output;
     this.serialized.set(record["vm-id"], JSON.stringify(checked.output));
+    this.list = null;
     this.indexRequest(checked.output);
   }
 
@@ -151,11 +153,13 @@ export class StateStore {
     if (record?.["request-id"] !== undefined) this.byRequest.delete(record["request-id"]);
     delete this.doc.vms[vmId];
     this.serialized.delete(vmId);
+    this.list = null;
   }
 
-  /** Every record as one JSON array, without serializing them again. */
+  /** Every record as one JSON array: the same string until a record changes. */
   listJson(): string {
-    return `[${[...this.serialized.values()].join(",")}]`;
+    this.list ??= `[${[...this.serialized.values()].join(",")}]`;
+    return this.list;
   }
 
   /** Resolves once every change made before the call is on disk. */

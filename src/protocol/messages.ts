@@ -233,6 +233,8 @@ export const describeIssues = (issues: readonly v.BaseIssue<unknown>[]): string 
     })
     .join("; ");
 
+const UTF8 = new TextDecoder("utf-8", { fatal: true });
+
 /**
  * Parses a raw message body into a request, or says in one line what is wrong.
  * Never throws: the agent turns the text into an error reply.
@@ -242,7 +244,7 @@ export const parseRequest = (
 ): { ok: true; request: ParsedRequest } | { ok: false; reason: string } => {
   let json: unknown;
   try {
-    json = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(body));
+    json = JSON.parse(UTF8.decode(body));
   } catch {
     return { ok: false, reason: "Invalid request: the body is not UTF-8 JSON" };
   }

@@ -9,6 +9,7 @@ import {
   errorReply,
   type ParsedRequest,
   parseRequest,
+  RawJson,
   Reasons,
   type Reply,
   successReply,
@@ -132,6 +133,7 @@ export class AgentRouter {
   private stopping = false;
   private reconnecting: Promise<void> | null = null;
   private readonly replies: ReplyLine;
+  private readonly encoded = new WeakMap<RawJson, Buffer>();
   /** Messages whose reply is out, so a failure after it never sends a second one. */
   private readonly replied = new WeakSet<ConsumeMessage>();
 
@@ -418,13 +420,30 @@ export class AgentRouter {
     }
   }
 
+  /**
+   * A large list is the same object for as long as it does not change; so are
+   * its bytes, which a busy `vm list` would otherwise copy several times a call.
+   */
+  private encode(reply: Reply): Buffer {
+    const raw = reply.response;
+    if (!(raw instanceof RawJson) || reply["execution-info"].status !== "success") {
+      return Buffer.from(encodeReply(reply));
+    }
+    let body = this.encoded.get(raw);
+    if (body === undefined) {
+      body = Buffer.from(encodeReply(reply));
+      this.encoded.set(raw, body);
+    }
+    return body;
+  }
+
   private async reply(session: Session, msg: ConsumeMessage, reply: Reply): Promise<void> {
     const replyTo = msg.properties.replyTo as string | undefined;
     if (!replyTo) return;
     const options: Options.Publish = { contentType: "application/json" };
     if (msg.properties.correlationId) options.correlationId = msg.properties.correlationId;
     try {
-      await this.replies.publish(replyTo, Buffer.from(encodeReply(reply)), options);
+      await this.replies.publish(replyTo, this.encode(reply), options);
     } catch (error) {
       // With the broker gone the message is redelivered and answered later;
       // with the broker there, this one reply cannot be delivered, and holding
