@@ -144,7 +144,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
     const notes = [
       `rounds: floor ${floorRuns.map((r) => rate(r).toFixed(0)).join(", ")}/s; ours ${oursRuns.map((r) => rate(r).toFixed(0)).join(", ")}/s (medians compared)`,
       `${errors} errors`,
-      `per create the agent binds 2 routes and unbinds 1 (req.<message-id> claim, vm.<id>): queue.bind ${fmt(routes.bind)}, queue.unbind ${fmt(routes.unbind)} p50 alone, broker CPU ${fmt(routes.brokerCpuPerPair)} per bind+unbind pair`,
+      `per create the agent binds 1 route (vm.<id>, bound before the VM is made, which is also its claim on the request): queue.bind ${fmt(routes.bind)}, queue.unbind ${fmt(routes.unbind)} p50 alone, broker CPU ${fmt(routes.brokerCpuPerPair)} per bind+unbind pair`,
       `per create the client first counts live agents: ${fmt(counting)} p50 alone, broker CPU ${fmt(countingCpu)} each`,
       `CPU ms per create (${CLIENTS} clients, ${AGENTS} servers, 2 cores shared): ours ${perRequest(cpu.ours, done(oursRuns))}; floor ${perRequest(cpu.floor, done(floorRuns))}`,
     ];

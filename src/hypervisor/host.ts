@@ -12,6 +12,7 @@ import {
   type StopVmOptions,
   type VmRecord,
   type VmStatusReply,
+  vmIdForRequest,
 } from "../protocol/messages.ts";
 import type { RunInfo, VmDriver, VmSpec } from "./driver.ts";
 import { ImageStore } from "./images.ts";
@@ -35,6 +36,11 @@ export type HostOptions = {
 export type RequestContext = {
   /** The AMQP message id, used to recognise a redelivered create-vm. */
   requestId?: string | undefined;
+  /**
+   * Called with a new VM's id once this host has taken the create, before the
+   * VM is made: the routing layer binds the VM's route there and then.
+   */
+  claim?: ((vmId: string) => Promise<void>) | undefined;
 };
 
 const ID_LETTERS = "abcdefghijklmnopqrstuvwxyz";
@@ -146,7 +152,8 @@ export class Host {
     await this.images.resolve(options.image);
     // From here to put() nothing awaits, so two creates cannot both take the last slot.
     this.assertCapacity(options.memory);
-    let id = newVmId();
+    const wanted = context.requestId === undefined ? null : vmIdForRequest(context.requestId);
+    let id = wanted !== null && !this.store.has(wanted) ? wanted : newVmId();
     while (this.store.has(id)) id = newVmId();
     const at = now();
     const record: VmRecord = {
@@ -168,6 +175,12 @@ export class Host {
     this.store.put(record);
     this.account(record, 1);
     return this.withVm(id, async () => {
+      try {
+        await context.claim?.(id);
+      } catch (error) {
+        this.forget(id);
+        throw error;
+      }
       // On disk before QEMU starts, so a crash never leaves a process without a record.
       await this.store.flush();
       return this.boot(record, options);

@@ -1,5 +1,6 @@
 // The wire protocol of DESIGN §2. Names and shapes are fixed by the original
 // tutorial's client, so every key here is spelled with dashes.
+import { createHash } from "node:crypto";
 import * as v from "valibot";
 
 export const EXCHANGE = "computing";
@@ -27,6 +28,16 @@ export const VM_COMMANDS = ["start-vm", "stop-vm", "delete-vm", "vm-info"] as co
 export const BROADCAST_COMMANDS = COMMANDS.filter((command) => command !== "create-vm");
 
 export const vmRoute = (vmId: string): string => `vm.${vmId}`;
+
+/**
+ * The id a create-vm with this message id gets, unless a VM has it already.
+ * Derived, so that any host can tell where a redelivered create-vm was being
+ * made: at the host whose queue is bound to `vm.<this id>`.
+ */
+export const vmIdForRequest = (messageId: string): string =>
+  Array.from(createHash("sha256").update(messageId).digest().subarray(0, 8), (byte) =>
+    String.fromCharCode(97 + (byte % 26)),
+  ).join("");
 
 export const VmId = v.pipe(
   v.string("vm-id must be a string"),

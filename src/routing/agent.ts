@@ -14,6 +14,7 @@ import {
   type Reply,
   successReply,
   VM_COMMANDS,
+  vmIdForRequest,
   vmRoute,
 } from "../protocol/messages.ts";
 import { connect, redactUrl } from "./connection.ts";
@@ -30,7 +31,14 @@ import {
 const log = logger.withTag("agent");
 
 export type CommandHandler = {
-  handle(request: ParsedRequest, context: { requestId?: string | undefined }): Promise<unknown>;
+  handle(
+    request: ParsedRequest,
+    context: {
+      requestId?: string | undefined;
+      /** For a create-vm: binds the new VM's route; to be awaited before the VM is made. */
+      claim?: (vmId: string) => Promise<void>;
+    },
+  ): Promise<unknown>;
   /** Every VM this host holds, re-bound as `vm.<id>` after each (re)connect. */
   vmIds(): string[];
   /** Whether a create-vm with this message id already made a VM here. */
@@ -65,8 +73,6 @@ const HOPS_HEADER = "x-aetherscale-hops";
  * whole number of milliseconds below 2^32, and closes the channel that sent it.
  */
 const MAX_HAND_ON_TTL_MS = 86_400_000;
-/** Longest message id (in UTF-8 bytes) claimed as a `req.<id>` route; a routing key holds 255. */
-const MAX_CLAIMED_ID_BYTES = 200;
 
 type Session = {
   model: ChannelModel;
@@ -91,7 +97,11 @@ export const routeMismatch = (
   messageId?: string,
 ): string | null => {
   if (routingKey === request.command) return null;
-  if (request.command === "create-vm" && messageId && routingKey === requestRoute(messageId)) {
+  if (
+    request.command === "create-vm" &&
+    messageId &&
+    routingKey === vmRoute(vmIdForRequest(messageId))
+  ) {
     return null;
   }
   if (isVmCommand(request.command)) {
@@ -100,14 +110,6 @@ export const routeMismatch = (
   }
   return `Refused: the message came by route "${routingKey.slice(0, 80)}" but asks for ${request.command}; nothing was run`;
 };
-
-/**
- * While a host works on a create-vm, its queue is bound to this route. If the
- * host dies before acknowledging, the broker redelivers the message to some
- * other host, which finds the binding and sends the message home instead of
- * creating a second VM; the owner answers it from its store when it is back.
- */
-export const requestRoute = (messageId: string): string => `req.${messageId}`;
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -300,7 +302,12 @@ export class AgentRouter {
     const host = this.options.hostId;
     const parsed = parseRequest(msg.content);
     let reply: Reply;
-    let claim: string | null = null;
+    // A create-vm binds its VM's route as soon as this host takes it, before
+    // the VM is made: if this host dies before acknowledging, the broker
+    // redelivers the message to another host, which finds the route (the id
+    // follows from the message id) and sends the message home instead of
+    // making a second VM; this host answers it from its store when it is back.
+    let claimed: string | null = null;
     if (!parsed.ok) {
       log.debug(`invalid message by ${msg.fields.routingKey}: ${parsed.reason}`);
       reply = errorReply(host, parsed.reason);
@@ -311,28 +318,30 @@ export class AgentRouter {
       if (mismatch !== null) {
         reply = errorReply(host, mismatch);
       } else {
-        claim =
+        if (
           request.command === "create-vm" &&
           messageId !== undefined &&
-          Buffer.byteLength(messageId) <= MAX_CLAIMED_ID_BYTES
-            ? requestRoute(messageId)
-            : null;
-        if (
-          claim !== null &&
           msg.fields.redelivered &&
-          !this.options.handler.knowsRequest(messageId as string)
+          !this.options.handler.knowsRequest(messageId)
         ) {
-          if (await this.sendHome(session, msg, claim)) return;
+          if (await this.sendHome(session, msg, vmRoute(vmIdForRequest(messageId)))) return;
         }
+        const claim = async (vmId: string) => {
+          await this.bind(session, vmRoute(vmId));
+          claimed = vmId;
+        };
         try {
-          if (claim !== null) await this.bind(session, claim);
-          const response = await this.options.handler.handle(request, { requestId: messageId });
-          await this.updateRoutes(session, request, response);
+          const response = await this.options.handler.handle(request, {
+            requestId: messageId,
+            claim,
+          });
+          await this.updateRoutes(session, request, response, claimed);
           reply = successReply(host, response);
         } catch (error) {
+          // The VM was not made: its route must not lead anywhere.
+          if (claimed !== null) await this.unbind(session, vmRoute(claimed));
           if (error instanceof DeclineError && request.command === "create-vm") {
             await this.handOn(session, msg, error, request.options.image);
-            if (claim !== null) await this.unbind(session, claim);
             return;
           }
           if (error instanceof CommandError || error instanceof DeclineError) {
@@ -346,7 +355,6 @@ export class AgentRouter {
     }
     await this.reply(session, msg, reply);
     this.ack(session, msg);
-    if (claim !== null) await this.unbind(session, claim);
   }
 
   /**
@@ -411,10 +419,12 @@ export class AgentRouter {
     session: Session,
     request: ParsedRequest,
     response: unknown,
+    claimed: string | null,
   ): Promise<void> {
     if (request.command === "create-vm") {
+      // A redelivered create this host had finished already claims nothing.
       const vmId = (response as { "vm-id": string })["vm-id"];
-      await bindVm(session.ops, this.options.hostId, vmId);
+      if (vmId !== claimed) await bindVm(session.ops, this.options.hostId, vmId);
     } else if (request.command === "delete-vm") {
       await unbindVm(session.ops, this.options.hostId, request.options["vm-id"]);
     }
