@@ -117,15 +117,20 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const STOP_STEP_MS = 3_000;
 
 /** Waits for `work` at most `ms`; its failure or lateness is not ours to report. */
-const withinMs = async (ms: number, work: Promise<unknown>): Promise<void> => {
+/** Waits for `work` at most `ms`; true when it finished in time. */
+const withinMs = async (ms: number, work: Promise<unknown>): Promise<boolean> => {
   let timer: ReturnType<typeof setTimeout> | undefined;
-  await Promise.race([
-    work.catch(() => undefined),
-    new Promise((resolve) => {
-      timer = setTimeout(resolve, ms);
+  const finished = await Promise.race([
+    work.then(
+      () => true,
+      () => true,
+    ),
+    new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(false), ms);
     }),
   ]);
   clearTimeout(timer);
+  return finished;
 };
 
 export class AgentRouter {
@@ -162,20 +167,26 @@ export class AgentRouter {
     this.stopping = true;
     const session = this.session;
     // On a link that died silently the broker never answers, and amqplib
-    // would wait for the heartbeat to time out (2-3 intervals): give the
-    // cancel and the close a few seconds each, then go without them.
+    // would wait for the heartbeat to time out (2-3 intervals): a broker that
+    // does not confirm the cancel within a few seconds is not waited for again.
+    let answering = false;
     if (session?.alive) {
-      await withinMs(
+      answering = await withinMs(
         STOP_STEP_MS,
         Promise.allSettled(session.consumerTags.map((tag) => session.consume.cancel(tag))),
       );
     }
     await Promise.allSettled([...this.inFlight]);
+    const step = answering ? STOP_STEP_MS : 0;
     if (session?.alive) {
+      // amqplib writes each channel's frames in turn: a connection close could
+      // overtake the last acknowledgements. Closing their channel first puts
+      // its close behind them, and the broker confirms it.
+      await withinMs(step, session.consume.close());
       session.alive = false;
-      await withinMs(STOP_STEP_MS, session.model.close());
+      await withinMs(step, session.model.close());
     }
-    await withinMs(STOP_STEP_MS, this.replies.close());
+    await withinMs(step, this.replies.close());
     this.session = null;
   }
 
