@@ -165,9 +165,9 @@ export class Client {
 
   /** A broadcast answered by every live host; returns once all of them have. */
   async gather(request: Request): Promise<Gathered> {
-    const expected = await this.liveAgents();
-    if (expected === 0) throw this.noAgents();
-    return this.send(request, request.command, expected, false);
+    // The count of live agents is read while the request is already on its
+    // way: the same agents answer, and the round trip is off the critical path.
+    return this.send(request, request.command, this.liveAgents(), false);
   }
 
   async close(): Promise<void> {
@@ -188,32 +188,49 @@ export class Client {
   private send(
     request: Request,
     routingKey: string,
-    expected: number,
+    expecting: number | Promise<number>,
     mandatory: boolean,
   ): Promise<Gathered> {
     const id = crypto.randomUUID();
     if (this.closed) return Promise.reject(this.lost());
     return new Promise<Gathered>((resolve, reject) => {
       const replies: Reply[] = [];
+      const pending: Pending = {
+        replies,
+        expected: typeof expecting === "number" ? expecting : Number.POSITIVE_INFINITY,
+        done: () => {
+          settle();
+          const expected = Number.isFinite(pending.expected) ? pending.expected : replies.length;
+          resolve({ replies, expected, missing: Math.max(0, expected - replies.length) });
+        },
+        fail: (error: Error) => {
+          settle();
+          reject(error);
+        },
+      };
       const settle = () => {
         clearTimeout(timer);
         this.pending.delete(id);
         this.returned.delete(id);
       };
-      const finish = () => {
-        settle();
-        resolve({ replies, expected, missing: Math.max(0, expected - replies.length) });
-      };
-      const fail = (error: Error) => {
-        settle();
-        reject(error);
-      };
-      const timer = setTimeout(finish, this.options.timeoutMs);
-      this.pending.set(id, { replies, expected, done: finish, fail });
+      const timer = setTimeout(pending.done, this.options.timeoutMs);
+      this.pending.set(id, pending);
+      if (typeof expecting !== "number") {
+        expecting.then(
+          (count) => {
+            if (!this.pending.has(id)) return;
+            if (count === 0) return pending.fail(this.noAgents());
+            pending.expected = count;
+            if (replies.length >= count) pending.done();
+          },
+          (error: unknown) =>
+            pending.fail(error instanceof Error ? error : new Error(String(error))),
+        );
+      }
       if (mandatory) {
         this.returned.set(id, () => {
           replies.push(errorReply("", Reasons.vmDoesNotExist));
-          finish();
+          pending.done();
         });
       }
       this.channel.publish(EXCHANGE, routingKey, Buffer.from(JSON.stringify(request)), {
