@@ -7,6 +7,7 @@ import { readdir, readFile, symlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { processAlive } from "../src/hypervisor/qemu-tools.ts";
 import { Agent, cli, cliJson, ensureBuilt, removeAll, tempDir, Vhost } from "./support/fleet.ts";
+import { killProcessesUnder, waitFor } from "./support/reliability.ts";
 import { tutorialSend } from "./support/tutorial-client.ts";
 
 let vhost: Vhost;
@@ -41,15 +42,6 @@ const info = async (id: string): Promise<Vm> => {
   return result.replies[0]?.response as Vm;
 };
 
-const waitFor = async (what: string, check: () => Promise<boolean>, ms = 15_000) => {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (await check()) return;
-    await Bun.sleep(200);
-  }
-  throw new Error(`timed out waiting for ${what}`);
-};
-
 const create = async (extra: string[] = []): Promise<string> => {
   const result = await cliJson(
     ["vm", "create", "--image", "base", "--memory", "128", ...extra],
@@ -81,11 +73,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await agent?.kill();
   // Whatever a failed test left running: every QEMU of this test's state directory.
-  const procs = await readdir("/proc").catch(() => [] as string[]);
-  for (const pid of procs.filter((entry) => /^\d+$/.test(entry))) {
-    const cmdline = await readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
-    if (agent && cmdline.includes(agent.stateDir)) process.kill(Number(pid), "SIGKILL");
-  }
+  if (agent) await killProcessesUnder(agent.stateDir);
   await vhost?.delete();
   await removeAll(images, outside, agent?.stateDir ?? "");
 });

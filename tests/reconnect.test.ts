@@ -5,6 +5,7 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Agent, cli, cliJson, ensureBuilt, fakeImages, removeAll, Vhost } from "./support/fleet.ts";
+import { listQueues, waitFor } from "./support/reliability.ts";
 
 let vhost: Vhost;
 let images: string;
@@ -16,15 +17,6 @@ const rabbitmqctl = async (...args: string[]): Promise<string> => {
   if (code !== 0)
     throw new Error(`rabbitmqctl ${args.join(" ")}: ${await new Response(proc.stderr).text()}`);
   return out;
-};
-
-const waitFor = async (what: string, check: () => boolean | Promise<boolean>, ms = 20_000) => {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (await check()) return;
-    await Bun.sleep(100);
-  }
-  throw new Error(`timed out waiting for ${what}`);
 };
 
 beforeAll(async () => {
@@ -109,15 +101,6 @@ test("SIGTERM finishes the request in flight, then exits cleanly", async () => {
   expect(state.vms[id].status).toBe("running");
   expect(agent.log).toContain("finishing in-flight requests");
   // Nothing is left for the broker to redeliver: the queue holds no message.
-  const queues = await rabbitmqctl(
-    "list_queues",
-    "-q",
-    "--no-table-headers",
-    "-p",
-    vhost.name,
-    "name",
-    "messages",
-  );
-  const rows = queues.trim().split("\n").filter(Boolean);
-  expect(rows.filter((row) => Number(row.trim().split(/\s+/).pop()) !== 0)).toEqual([]);
+  const queues = await listQueues(vhost.name);
+  expect(queues.filter((queue) => queue.messages + queue.unacked !== 0)).toEqual([]);
 });
