@@ -19,13 +19,17 @@ fi
 
 bash scripts/install-qemu.sh
 
-# iproute2 (`ip`): the network-partition test puts an agent in a namespace of its own.
-if ! command -v ip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  say "installing iproute2 (ip)"
+# Tools some tests use: iproute2 (`ip`) puts an agent in a network namespace
+# of its own; openssl makes the certificates of the TLS test.
+ensure_tool() {
+  if command -v "$1" >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then return 0; fi
+  say "installing $2 ($1)"
   { as_root apt-get update -qq &&
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2; } ||
-    say "could not install iproute2; the network-partition test will be skipped"
-fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2"; } ||
+    say "could not install $2; the tests that need $1 will fail or be skipped"
+}
+ensure_tool ip iproute2
+ensure_tool openssl openssl
 
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! broker_up; then
