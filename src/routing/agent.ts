@@ -181,9 +181,10 @@ export class AgentRouter {
     if (session?.alive) {
       // amqplib writes each channel's frames in turn: a connection close could
       // overtake the last acknowledgements. Closing their channel first puts
-      // its close behind them, and the broker confirms it.
-      await withinMs(step, session.consume.close());
+      // its close behind them, and the broker confirms it. Every message in
+      // flight is settled, so the session is over before its channels close.
       session.alive = false;
+      await withinMs(step, session.consume.close());
       await withinMs(step, session.model.close());
     }
     await withinMs(step, this.replies.close());
