@@ -9,4 +9,4 @@ node_modules/.bin/biome check src tests bench scripts
 echo "== type-check (tsc)" >&2
 node_modules/.bin/tsc --noEmit
 echo "== tests (bun test)" >&2
-exec node_modules/.bin/bun test "$@"
+exec node_modules/.bin/bun test --timeout 180000 "$@"

@@ -320,6 +320,45 @@ describe("the agent checks what it is sent", () => {
   });
 });
 
+describe("a create-vm sent again with the same message id", () => {
+  test("gets the VM the first one made, whichever host takes it, and makes no second", async () => {
+    const connection = await amqp.connect(vhost.url);
+    try {
+      const channel = await connection.createChannel();
+      const replies: Array<Record<string, any>> = [];
+      await channel.consume(
+        "amq.rabbitmq.reply-to",
+        (msg) => msg && replies.push(JSON.parse(msg.content.toString())),
+        {
+          noAck: true,
+        },
+      );
+      // Make room: every host takes its share of three repeats in turn.
+      for (const vm of await allVms()) await cli(["vm", "delete", vm["vm-id"]], { url: vhost.url });
+      const body = Buffer.from(
+        JSON.stringify({ command: "create-vm", options: { image: "base" } }),
+      );
+      for (let i = 0; i < 4; i++) {
+        channel.publish("computing", "create-vm", body, {
+          replyTo: "amq.rabbitmq.reply-to",
+          messageId: "retry-1",
+        });
+        await Bun.sleep(300);
+      }
+      expect(replies).toHaveLength(4);
+      const ids = new Set(replies.map((reply) => reply.response?.["vm-id"]));
+      const hosts = new Set(replies.map((reply) => reply["execution-info"].host));
+      expect(ids.size).toBe(1);
+      expect(hosts.size).toBe(1);
+      expect((await allVms()).map((vm) => vm["vm-id"])).toEqual([...ids]);
+      const logs = agents.map((agent) => agent.log).join("\n");
+      expect(logs).toContain("is a repeat of one another host took; sent it there");
+    } finally {
+      await connection.close();
+    }
+  });
+});
+
 describe("forged reply addresses", () => {
   test("a reply_to the broker cannot deliver to costs no consumer and no redelivery loop", async () => {
     const forged = [

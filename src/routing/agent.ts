@@ -330,10 +330,12 @@ export class AgentRouter {
       if (mismatch !== null) {
         reply = errorReply(host, mismatch);
       } else {
+        // The same message id again, from the competing queue: a redelivery, or
+        // a client's retry. Whichever host made (or is making) its VM answers it.
         if (
           request.command === "create-vm" &&
           messageId !== undefined &&
-          msg.fields.redelivered &&
+          msg.fields.routingKey === "create-vm" &&
           !this.options.handler.knowsRequest(messageId)
         ) {
           if (await this.sendHome(session, msg, vmRoute(vmIdForRequest(messageId)))) return;
@@ -400,8 +402,8 @@ export class AgentRouter {
   }
 
   /**
-   * A redelivered create-vm this host does not know: if another host had
-   * claimed it, forward it there. True when it went home.
+   * A create-vm this host does not know: if another host has claimed its
+   * message id, forward it there. True when it went home.
    */
   private async sendHome(session: Session, msg: ConsumeMessage, route: string): Promise<boolean> {
     const messageId = msg.properties.messageId as string;
@@ -421,7 +423,9 @@ export class AgentRouter {
     }
     if (returned) return false;
     log.info(
-      `create-vm ${messageId} was redelivered here; sent it back to the host that claimed it`,
+      msg.fields.redelivered
+        ? `create-vm ${messageId} was redelivered here; sent it back to the host that claimed it`
+        : `create-vm ${messageId} is a repeat of one another host took; sent it there`,
     );
     this.ack(session, msg);
     return true;
