@@ -79,11 +79,12 @@ export class Client {
       return client;
     } catch (error) {
       await model.close().catch(() => undefined);
-      // A broker shutting down closes the connection right after accepting it.
+      // A refusal names its reason; anything else while opening is a broker
+      // that went away right after accepting us (one shutting down does).
       throw new BrokerError(
-        /Connection closed|Channel closed|IllegalOperationError/.test(String(error))
-          ? `Lost the connection to the RabbitMQ broker at ${redactUrl(options.url)} while opening a channel: ${String(error)}`
-          : `The broker at ${redactUrl(options.url)} refused our channel: ${String(error)}`,
+        /ACCESS.REFUSED|NOT.ALLOWED|\b403\b|\b530\b/.test(String(error))
+          ? `The broker at ${redactUrl(options.url)} refused our channel: ${String(error)}`
+          : `Lost the connection to the RabbitMQ broker at ${redactUrl(options.url)} while opening a channel: ${String(error)}`,
       );
     }
   }
