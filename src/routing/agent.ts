@@ -149,14 +149,6 @@ export class AgentRouter {
     this.replies = new ReplyLine(() => this.dial(`aetherscale agent ${options.hostId} replies`));
   }
 
-  get hostId(): string {
-    return this.options.hostId;
-  }
-
-  get connected(): boolean {
-    return this.session?.alive === true;
-  }
-
   /** Connects and starts consuming; an unreachable broker is retried, a refusal is fatal. */
   async start(): Promise<void> {
     await this.connectWithRetry(true);
