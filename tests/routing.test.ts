@@ -54,6 +54,33 @@ const allVms = async () => {
   return replies.flatMap((reply) => reply.response as Array<{ "vm-id": string; host: string }>);
 };
 
+/** Publishes one message as a bare client would and collects the replies for 800 ms. */
+const raw = async (routingKey: string, body: Buffer | string, props: amqp.Options.Publish = {}) => {
+  const connection = await amqp.connect(vhost.url);
+  try {
+    const channel = await connection.createChannel();
+    const replies: Array<Record<string, any>> = [];
+    await channel.consume(
+      "amq.rabbitmq.reply-to",
+      (msg) =>
+        msg &&
+        replies.push({
+          ...JSON.parse(msg.content.toString()),
+          _cid: msg.properties.correlationId,
+        }),
+      { noAck: true },
+    );
+    channel.publish("computing", routingKey, Buffer.from(body), {
+      replyTo: "amq.rabbitmq.reply-to",
+      ...props,
+    });
+    await new Promise((resolve) => setTimeout(resolve, 800));
+    return replies;
+  } finally {
+    await connection.close();
+  }
+};
+
 describe("create-vm goes to a host with the image and room", () => {
   test("an image only one host has always lands on that host", async () => {
     const { code, replies } = await cliJson(["vm", "create", "--image", "other"], vhost.url);
@@ -233,36 +260,6 @@ describe("a client written for the tutorial keeps working", () => {
 });
 
 describe("the agent checks what it is sent", () => {
-  const raw = async (
-    routingKey: string,
-    body: Buffer | string,
-    props: amqp.Options.Publish = {},
-  ) => {
-    const connection = await amqp.connect(vhost.url);
-    try {
-      const channel = await connection.createChannel();
-      const replies: Array<Record<string, any>> = [];
-      await channel.consume(
-        "amq.rabbitmq.reply-to",
-        (msg) =>
-          msg &&
-          replies.push({
-            ...JSON.parse(msg.content.toString()),
-            _cid: msg.properties.correlationId,
-          }),
-        { noAck: true },
-      );
-      channel.publish("computing", routingKey, Buffer.from(body), {
-        replyTo: "amq.rabbitmq.reply-to",
-        ...props,
-      });
-      await new Promise((resolve) => setTimeout(resolve, 800));
-      return replies;
-    } finally {
-      await connection.close();
-    }
-  };
-
   test("a message whose route disagrees with its body runs nothing", async () => {
     const vm = (await allVms())[0];
     const id = vm?.["vm-id"] as string;
@@ -322,40 +319,20 @@ describe("the agent checks what it is sent", () => {
 
 describe("a create-vm sent again with the same message id", () => {
   test("gets the VM the first one made, whichever host takes it, and makes no second", async () => {
-    const connection = await amqp.connect(vhost.url);
-    try {
-      const channel = await connection.createChannel();
-      const replies: Array<Record<string, any>> = [];
-      await channel.consume(
-        "amq.rabbitmq.reply-to",
-        (msg) => msg && replies.push(JSON.parse(msg.content.toString())),
-        {
-          noAck: true,
-        },
-      );
-      // Make room: every host takes its share of three repeats in turn.
-      for (const vm of await allVms()) await cli(["vm", "delete", vm["vm-id"]], { url: vhost.url });
-      const body = Buffer.from(
-        JSON.stringify({ command: "create-vm", options: { image: "base" } }),
-      );
-      for (let i = 0; i < 4; i++) {
-        channel.publish("computing", "create-vm", body, {
-          replyTo: "amq.rabbitmq.reply-to",
-          messageId: "retry-1",
-        });
-        await Bun.sleep(300);
-      }
-      expect(replies).toHaveLength(4);
-      const ids = new Set(replies.map((reply) => reply.response?.["vm-id"]));
-      const hosts = new Set(replies.map((reply) => reply["execution-info"].host));
-      expect(ids.size).toBe(1);
-      expect(hosts.size).toBe(1);
-      expect((await allVms()).map((vm) => vm["vm-id"])).toEqual([...ids]);
-      const logs = agents.map((agent) => agent.log).join("\n");
-      expect(logs).toContain("is a repeat of one another host took; sent it there");
-    } finally {
-      await connection.close();
-    }
+    // Make room: every host takes its share of the repeats in turn.
+    for (const vm of await allVms()) await cli(["vm", "delete", vm["vm-id"]], { url: vhost.url });
+    const body = JSON.stringify({ command: "create-vm", options: { image: "base" } });
+    const replies: Array<Record<string, any>> = [];
+    for (let i = 0; i < 4; i++)
+      replies.push(...(await raw("create-vm", body, { messageId: "retry-1" })));
+    expect(replies).toHaveLength(4);
+    const ids = new Set(replies.map((reply) => reply.response?.["vm-id"]));
+    const hosts = new Set(replies.map((reply) => reply["execution-info"].host));
+    expect(ids.size).toBe(1);
+    expect(hosts.size).toBe(1);
+    expect((await allVms()).map((vm) => vm["vm-id"])).toEqual([...ids]);
+    const logs = agents.map((agent) => agent.log).join("\n");
+    expect(logs).toContain("is a repeat of one another host took; sent it there");
   });
 });
 

@@ -86,6 +86,11 @@ const run = async (ctx: Context): Promise<Row[]> => {
   const base = join(images, "blank.qcow2");
   const made = await runOnce([qemuImg, "create", "-f", "qcow2", base, "1G"]);
   if (made.code !== 0) throw new Error(`qemu-img create failed: ${made.stderr}`);
+  /** The overlay the driver makes, as the floor runs it by hand. */
+  const overlayCommand = (disk: string) => [
+    qemuImg,
+    ...["create", "-f", "qcow2", "-b", base, "-F", "qcow2", disk],
+  ];
   const oursRoot = join(await tempDir("qemu-ours"), "vms");
   const floorRoot = join(await tempDir("qemu-floor"), "vms");
   const driver = new QemuDriver();
@@ -143,17 +148,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
       // The accelerator the driver ended up with (KVM can open and still fail to start).
       const accel = accelerators.has("tcg") || !kvm ? "tcg" : "kvm";
       const started = performance.now();
-      const overlay = await runOnce([
-        qemuImg,
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        base,
-        "-F",
-        "qcow2",
-        files.disk,
-      ]);
+      const overlay = await runOnce(overlayCommand(files.disk));
       if (overlay.code !== 0) throw new Error(`qemu-img: ${overlay.stderr}`);
       const afterOverlay = performance.now();
       const daemon = await runOnce([qemu, ...argumentsOf(s, accel)], {
@@ -185,18 +180,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
     const overlays = await interleave(
       { count: pick(ctx, 20, 5), warmup: 1, block: 1, budgetMs: 20_000, minCount: 3 },
       () => createOverlay(qemuImg, base, join(overlayDir, `a${k++}.qcow2`)),
-      () =>
-        runOnce([
-          qemuImg,
-          "create",
-          "-f",
-          "qcow2",
-          "-b",
-          base,
-          "-F",
-          "qcow2",
-          join(overlayDir, `b${k++}.qcow2`),
-        ]),
+      () => runOnce(overlayCommand(join(overlayDir, `b${k++}.qcow2`))),
     );
     const p50 = (values: number[]) => summarize(values).p50.toFixed(1);
     return [
