@@ -3,7 +3,7 @@
 // hear "No host has capacity for this VM", no host is over its cap, no id is
 // repeated, and every client has its answer long before its timeout.
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { Client } from "../src/routing/client.ts";
+import { FleetClient } from "../src/fleet.ts";
 import { Agent, cli, ensureBuilt, fakeImages, removeAll, Vhost } from "./support/fleet.ts";
 import { readState } from "./support/reliability.ts";
 
@@ -19,7 +19,7 @@ const NO_CAPACITY = "No host has capacity for this VM";
 let vhost: Vhost;
 let images: string;
 const agents: Agent[] = [];
-const clients: Client[] = [];
+const clients: FleetClient[] = [];
 
 beforeAll(async () => {
   await ensureBuilt();
@@ -50,26 +50,21 @@ const percentile = (sorted: number[], p: number): number =>
 const createAll = (count: number): Promise<Outcome[]> =>
   Promise.all(
     Array.from({ length: count }, async (_, i) => {
-      const client = clients[i % clients.length] as Client;
+      const client = clients[i % clients.length] as FleetClient;
       const started = performance.now();
-      const reply = await client.create({ command: "create-vm", options: { image: "base" } });
+      const outcome = await client.create({ command: "create-vm", options: { image: "base" } });
       const ms = performance.now() - started;
-      const info = reply["execution-info"];
-      return {
-        ms,
-        status: info.status,
-        ...(info.status === "error" ? { reason: info.reason } : {}),
-        ...(info.host === undefined ? {} : { host: info.host }),
-        ...(info.status === "success"
-          ? { id: (reply.response as { "vm-id": string })["vm-id"] }
-          : {}),
-      };
+      const reply = outcome.replies[0];
+      if (reply === undefined) return { ms, status: "missing" };
+      return reply.ok
+        ? { ms, status: "success", host: reply.host, id: reply.response["vm-id"] }
+        : { ms, status: "error", host: reply.host, reason: reply.reason };
     }),
   );
 
 test(`${CREATES} concurrent creates over ${HOSTS.length} agents of ${CAP} VMs each: exactly ${CAP * HOSTS.length} VMs, the rest told at once`, async () => {
   for (let i = 0; i < CLIENTS; i++) {
-    clients.push(await Client.connect({ url: vhost.url, timeoutMs: TIMEOUT_MS }));
+    clients.push(await FleetClient.connect({ url: vhost.url, timeoutMs: TIMEOUT_MS }));
   }
   const wallStarted = performance.now();
   const outcomes = await createAll(CREATES);

@@ -11,8 +11,8 @@
 // every record that says running has a live QEMU.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
+import { FleetClient } from "../src/fleet.ts";
 import { processAlive, readCmdline } from "../src/hypervisor/qemu-tools.ts";
-import { Client } from "../src/routing/client.ts";
 import { Agent, ensureBuilt, fakeImages, removeAll, tempDir, Vhost } from "./support/fleet.ts";
 import { killProcessesUnder, processesUnder, readState, waitFor } from "./support/reliability.ts";
 
@@ -70,7 +70,7 @@ const crashDuringCreates = async (s: Scenario) => {
   agents.push(victim);
   const witness = await start(`${s.driver}-witness`);
   agents.push(witness);
-  const client = await Client.connect({ url: vhost.url, timeoutMs: 120_000 });
+  const client = await FleetClient.connect({ url: vhost.url, timeoutMs: 120_000 });
 
   try {
     // The stream of creates, each answer kept.
@@ -81,17 +81,11 @@ const crashDuringCreates = async (s: Scenario) => {
         outcomes.push(
           client
             .create({ command: "create-vm", options: { image: "base", memory: s.memory } })
-            .then((reply) => {
-              const info = reply["execution-info"];
-              return {
-                i,
-                status: info.status,
-                ...(info.status === "error" ? { reason: info.reason } : {}),
-                ...(info.host === undefined ? {} : { host: info.host }),
-                ...(info.status === "success"
-                  ? { id: (reply.response as { "vm-id": string })["vm-id"] }
-                  : {}),
-              };
+            .then(({ replies: [reply] }) => {
+              if (reply === undefined) return { i, status: "missing" };
+              return reply.ok
+                ? { i, status: "success", host: reply.host, id: reply.response["vm-id"] }
+                : { i, status: "error", host: reply.host, reason: reply.reason };
             }),
         );
         await Bun.sleep(s.gapMs);
@@ -160,7 +154,7 @@ const crashDuringCreates = async (s: Scenario) => {
     const listed = await client.gather({ command: "list-vms", options: {} });
     expect(listed.replies).toHaveLength(2);
     const listedIds = listed.replies.flatMap((reply) =>
-      (reply.response as Array<{ "vm-id": string }>).map((vm) => vm["vm-id"]),
+      reply.ok ? reply.response.map((vm) => vm["vm-id"]) : [],
     );
     expect(listedIds.sort()).toEqual([...ids].sort());
 

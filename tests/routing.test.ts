@@ -332,7 +332,7 @@ describe("a create-vm sent again with the same message id", () => {
     expect(hosts.size).toBe(1);
     expect((await allVms()).map((vm) => vm["vm-id"])).toEqual([...ids]);
     const logs = agents.map((agent) => agent.log).join("\n");
-    expect(logs).toContain("is a repeat of one another host took; sent it there");
+    expect(logs).toContain("repeats one another host took; sent it there");
   });
 });
 

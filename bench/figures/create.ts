@@ -3,7 +3,7 @@
 // (4 bare responders on one shared queue, same prefetch, 8 bare requesters).
 // Rounds alternate floor and ours (floor first and last); every round of ours
 // gets 4 fresh agents with empty stores, so no round inherits a bigger state.
-import { Client } from "../../src/routing/client.ts";
+import { FleetClient } from "../../src/fleet.ts";
 import { BareRequester } from "../lib/bare.ts";
 import { type Context, type Figure, pick, replyFile, requestBody } from "../lib/context.ts";
 import { FLOOR_EXCHANGE, startAgents, startResponders, stopAll } from "../lib/fleet.ts";
@@ -63,7 +63,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
     })),
   );
   const clients = await Promise.all(
-    Array.from({ length: CLIENTS }, () => Client.connect({ url: ctx.url, timeoutMs: 30_000 })),
+    Array.from({ length: CLIENTS }, () => FleetClient.connect({ url: ctx.url, timeoutMs: 30_000 })),
   );
   const bares = await Promise.all(
     Array.from({ length: CLIENTS }, () => BareRequester.connect(ctx.url)),
@@ -74,9 +74,9 @@ const run = async (ctx: Context): Promise<Row[]> => {
     count(got === 1 ? "floor" : null);
   });
   const oursWorkers: Worker[] = clients.map((client) => async (count) => {
-    const answer = await client.create({ command: "create-vm", options: { image: "base" } });
-    const info = answer["execution-info"];
-    count(info.status === "success" ? (info.host ?? "?") : null);
+    const [answer] = (await client.create({ command: "create-vm", options: { image: "base" } }))
+      .replies;
+    count(answer?.ok ? answer.host || "?" : null);
   });
   const broker = await brokerPid();
   const brokerPids = broker === null ? [] : [broker];
@@ -122,8 +122,8 @@ const run = async (ctx: Context): Promise<Row[]> => {
     await floorRound();
 
     const routes = await bindMs(ctx.url);
-    const counting = await liveAgentsMs(clients[0] as Client, 30);
-    const countingCpu = await liveAgentsBrokerCpu(clients[0] as Client);
+    const counting = await liveAgentsMs(clients[0] as FleetClient, 30);
+    const countingCpu = await liveAgentsBrokerCpu(clients[0] as FleetClient);
     const oursRate = median(oursRuns.map(rate));
     const floorRate = median(floorRuns.map(rate));
     const ratio = oursRate / floorRate;

@@ -1,7 +1,7 @@
 // Figure 2: list-vms gathered from N agents (each holding 100 fake VMs)
 // against one bare broadcast to N bare responders, each sending the same
 // bytes, gathered with the count known. Plus the tutorial's way: wait 5 s.
-import { Client } from "../../src/routing/client.ts";
+import { FleetClient } from "../../src/fleet.ts";
 import { BareRequester } from "../lib/bare.ts";
 import { type Context, type Figure, pick, replyFile, requestBody } from "../lib/context.ts";
 import { fakeRecord, prepopulatedStateDir, vmIds } from "../lib/env.ts";
@@ -14,9 +14,9 @@ import { interleave, measure } from "../lib/stats.ts";
 const VMS_PER_AGENT = 100;
 const TUTORIAL_WAIT_MS = 5000;
 
-export const listVms = async (client: Client, expected: number): Promise<void> => {
+export const listVms = async (client: FleetClient, expected: number): Promise<void> => {
   const gathered = await client.gather({ command: "list-vms", options: {} });
-  const ok = gathered.replies.filter((r) => r["execution-info"].status === "success").length;
+  const ok = gathered.replies.filter((reply) => reply.ok).length;
   if (ok !== expected) {
     throw new Error(`list-vms: ${ok} of ${expected} agents answered (${gathered.missing} missing)`);
   }
@@ -29,7 +29,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
   const taken = new Set<string>();
   const sample = vmIds(VMS_PER_AGENT).map((id) => fakeRecord(id, "f2-floor"));
   const reply = await replyFile("f2-floor", sample);
-  const client = await Client.connect({ url: ctx.url, timeoutMs: 15_000 });
+  const client = await FleetClient.connect({ url: ctx.url, timeoutMs: 15_000 });
   const bare = await BareRequester.connect(ctx.url);
   const rows: Row[] = [];
   try {

@@ -3,7 +3,7 @@
 // (Bun + amqplib, one connection) for memory, the Bun runtime binary for size.
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { Client } from "../../src/routing/client.ts";
+import { FleetClient } from "../../src/fleet.ts";
 import { type Context, type Figure, pick } from "../lib/context.ts";
 import { exe, prepopulatedStateDir, tempDir, vmIds } from "../lib/env.ts";
 import { startAgent, startResponder } from "../lib/fleet.ts";
@@ -27,7 +27,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
     replyFile: join(replyDir, "reply.json"),
   });
   const idle = await startAgent({ url: ctx.url, hostId: "f7-idle", imagesDir: ctx.imagesDir });
-  const client = await Client.connect({ url: ctx.url, timeoutMs: 30_000 });
+  const client = await FleetClient.connect({ url: ctx.url, timeoutMs: 30_000 });
   /** Starts an agent with 10,000 VMs, has it serve list-vms and vm-info, and reads its memory. */
   const bigAgent = async (hostId: string, env: Record<string, string> = {}) => {
     const ids = vmIds(BIG);

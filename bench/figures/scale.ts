@@ -9,9 +9,9 @@
 //    write in the agent) minus the vm-info p50 of the same agent.
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
+import { FleetClient } from "../../src/fleet.ts";
 import { StateStore, writeFileAtomic } from "../../src/hypervisor/store.ts";
-import { successReply } from "../../src/protocol/messages.ts";
-import { Client } from "../../src/routing/client.ts";
+import { successReply } from "../../src/protocol/envelope.ts";
 import { BareRequester } from "../lib/bare.ts";
 import { type Context, type Figure, pick, replyFile, requestBody } from "../lib/context.ts";
 import { fakeRecord, prepopulatedStateDir, tempDir, vmIds } from "../lib/env.ts";
@@ -25,10 +25,10 @@ import { vmInfo } from "./targeted.ts";
 const SIZES = [100, 1000, 10_000];
 const TARGET_MS = 20;
 
-const command = async (client: Client, name: "start-vm" | "stop-vm", vmId: string) => {
-  const reply = await client.toVm({ command: name, options: { "vm-id": vmId } }, vmId);
-  if (reply["execution-info"].status !== "success") {
-    throw new Error(`${name} ${vmId}: ${JSON.stringify(reply)}`);
+const command = async (client: FleetClient, name: "start-vm" | "stop-vm", vmId: string) => {
+  const outcome = await client.toVm({ command: name, options: { "vm-id": vmId } });
+  if (!outcome.replies[0]?.ok) {
+    throw new Error(`${name} ${vmId}: ${JSON.stringify(outcome)}`);
   }
 };
 
@@ -78,7 +78,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
     outside: [],
   };
   const bare = await BareRequester.connect(ctx.url);
-  const client = await Client.connect({ url: ctx.url, timeoutMs: 30_000 });
+  const client = await FleetClient.connect({ url: ctx.url, timeoutMs: 30_000 });
   try {
     for (const size of SIZES) {
       const host = `f6-host-${size}`;

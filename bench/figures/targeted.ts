@@ -1,7 +1,7 @@
 // Figure 1: a targeted VM command (vm-info, to the one agent that holds the VM)
 // through our client library in a warm process, against a bare amqplib
 // request/reply over direct reply-to to one bare responder.
-import { Client } from "../../src/routing/client.ts";
+import { FleetClient } from "../../src/fleet.ts";
 import { BareRequester } from "../lib/bare.ts";
 import { type Context, type Figure, pick, replyFile, requestBody } from "../lib/context.ts";
 import { fakeRecord, prepopulatedStateDir, vmIds } from "../lib/env.ts";
@@ -10,10 +10,10 @@ import { latencyRow, type Row } from "../lib/report.ts";
 import { interleave } from "../lib/stats.ts";
 
 /** Runs vm-info to `vmId` through `client`; throws unless it succeeded. */
-export const vmInfo = async (client: Client, vmId: string): Promise<void> => {
-  const reply = await client.toVm({ command: "vm-info", options: { "vm-id": vmId } }, vmId);
-  if (reply["execution-info"].status !== "success") {
-    throw new Error(`vm-info ${vmId} failed: ${JSON.stringify(reply)}`);
+export const vmInfo = async (client: FleetClient, vmId: string): Promise<void> => {
+  const outcome = await client.toVm({ command: "vm-info", options: { "vm-id": vmId } });
+  if (!outcome.replies[0]?.ok) {
+    throw new Error(`vm-info ${vmId} failed: ${JSON.stringify(outcome)}`);
   }
 };
 
@@ -33,7 +33,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
     keys: ["f1.vm-info"],
     replyFile: await replyFile(host, fakeRecord(vmId, host)),
   });
-  const client = await Client.connect({ url: ctx.url, timeoutMs: 10_000 });
+  const client = await FleetClient.connect({ url: ctx.url, timeoutMs: 10_000 });
   const bare = await BareRequester.connect(ctx.url);
   try {
     const body = requestBody("vm-info", { "vm-id": vmId });

@@ -1,7 +1,8 @@
 // What every figure is handed: the run's vhost, its mode, and a progress log.
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { successReply, type VmRecord } from "../../src/protocol/messages.ts";
+import { successReply } from "../../src/protocol/envelope.ts";
+import type { VmRecord } from "../../src/protocol/messages.ts";
 import { tempDir } from "./env.ts";
 import type { Row } from "./report.ts";
 

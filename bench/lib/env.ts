@@ -1,36 +1,26 @@
 // The bench's surroundings: the executable (built when missing or older than
 // src/), a RabbitMQ vhost of its own, temporary directories, fake images and
 // pre-populated state files. Everything made here is registered for cleanup.
-import { existsSync, readdirSync, statSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { chmod, copyFile, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
+import { BUILD_SCRIPT, EXE, executableIsStale, ROOT } from "../../scripts/executable.ts";
 import type { VmRecord } from "../../src/protocol/messages.ts";
 import { onCleanup } from "./cleanup.ts";
 import { runOnce } from "./procs.ts";
 
-export const ROOT = resolve(import.meta.dir, "..", "..");
-export const EXE = join(ROOT, "dist", "aetherscale");
+export { EXE, ROOT };
 export const BROKER = process.env.AETHERSCALE_BENCH_BROKER ?? "127.0.0.1:5672";
-
-const newestMtime = (dir: string): number => {
-  let newest = 0;
-  for (const entry of readdirSync(dir, { withFileTypes: true })) {
-    const path = join(dir, entry.name);
-    newest = Math.max(newest, entry.isDirectory() ? newestMtime(path) : statSync(path).mtimeMs);
-  }
-  return newest;
-};
 
 /** Builds dist/aetherscale when it is missing or older than a file of src/ (unless told not to). */
 export const ensureExecutable = async (allowBuild: boolean): Promise<string> => {
-  const stale = !existsSync(EXE) || statSync(EXE).mtimeMs < newestMtime(join(ROOT, "src"));
-  if (!stale) return "up to date";
+  if (!executableIsStale()) return "up to date";
   if (!allowBuild) {
     if (existsSync(EXE)) return "older than src/, used as is (--no-build)";
     throw new Error(`${EXE} is missing; run \`npm run build\` or drop --no-build`);
   }
-  const built = await runOnce([process.execPath, join(ROOT, "scripts", "build.ts")], {
+  const built = await runOnce([process.execPath, BUILD_SCRIPT], {
     timeoutMs: 300_000,
   });
   if (built.code !== 0) throw new Error(`the build failed:\n${built.stderr}`);

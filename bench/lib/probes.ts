@@ -1,7 +1,7 @@
 // Small measurements that explain a figure: what one piece of our path costs
 // on its own, so a missed target can be traced to its cause.
 import amqp from "amqplib";
-import type { Client } from "../../src/routing/client.ts";
+import type { FleetClient } from "../../src/fleet.ts";
 import { brokerPid, cpuMsOf } from "./procs.ts";
 import { measure, summarize } from "./stats.ts";
 
@@ -17,11 +17,11 @@ const brokerCpuPer = async (runs: number, work: () => Promise<void>): Promise<nu
 };
 
 /** The client's count of live agents (a channel of its own, a passive declare, closing it). */
-export const liveAgentsMs = async (client: Client, count = 50): Promise<number> =>
+export const liveAgentsMs = async (client: FleetClient, count = 50): Promise<number> =>
   p50(await measure({ ...quick, count }, () => client.liveAgents()));
 
 /** Broker CPU ms per count of live agents. */
-export const liveAgentsBrokerCpu = (client: Client, runs = 300): Promise<number> =>
+export const liveAgentsBrokerCpu = (client: FleetClient, runs = 300): Promise<number> =>
   brokerCpuPer(runs, async () => {
     for (let i = 0; i < runs; i++) await client.liveAgents();
   });

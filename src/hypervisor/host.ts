@@ -1,13 +1,13 @@
 // A host's VMs: ids, records, capacity, image checks and the lifecycle, shared
 // by every driver. It knows no broker: the agent command hands it requests.
 import { join } from "node:path";
+import { KeyedLock, messageOf } from "../_utils.ts";
 import { CommandError, DeclineError } from "../errors.ts";
 import { logger } from "../log.ts";
+import { RawJson } from "../protocol/envelope.ts";
 import {
   type CreateVmOptions,
   type HostInfo,
-  type ParsedRequest,
-  RawJson,
   Reasons,
   type StopVmOptions,
   type VmRecord,
@@ -59,7 +59,7 @@ export class Host {
   private readonly options: HostOptions;
   private readonly startedAt = Date.now();
   /** Per-VM queue of operations, so two commands for one VM never interleave. */
-  private readonly vmLocks = new Map<string, Promise<unknown>>();
+  private readonly vmLocks = new KeyedLock();
   private used = { vms: 0, memory: 0 };
   private listCache: RawJson | null = null;
 
@@ -96,28 +96,8 @@ export class Host {
     return this.store.all().map((record) => record["vm-id"]);
   }
 
-  /** Runs one request; throws CommandError for an error reply, DeclineError to hand a create on. */
-  async handle(request: ParsedRequest, context: RequestContext = {}): Promise<unknown> {
-    switch (request.command) {
-      case "create-vm":
-        return this.createVm(request.options, context);
-      case "list-vms":
-        return this.listed();
-      case "list-hosts":
-        return this.info();
-      case "vm-info":
-        return this.record(request.options["vm-id"]);
-      case "start-vm":
-        return this.startVm(request.options["vm-id"]);
-      case "stop-vm":
-        return this.stopVm(request.options);
-      case "delete-vm":
-        return this.deleteVm(request.options["vm-id"]);
-    }
-  }
-
   /** The VM list, as one object for as long as the store does not change, so its bytes can be reused. */
-  private listed(): RawJson {
+  list(): RawJson {
     const json = this.store.listJson();
     if (this.listCache?.json !== json) this.listCache = new RawJson(json);
     return this.listCache;
@@ -284,12 +264,13 @@ export class Host {
 
   /** Detaches from every VM (they keep running) and releases the state directory. */
   async close(): Promise<void> {
-    await Promise.allSettled([...this.vmLocks.values()]);
+    await this.vmLocks.drain();
     await this.driver.close();
     await this.store.close();
   }
 
-  private record(vmId: string): VmRecord {
+  /** The VM's record; CommandError `VM does not exist` when this host has none. */
+  record(vmId: string): VmRecord {
     const record = this.store.get(vmId);
     if (record === undefined) throw new CommandError(Reasons.vmDoesNotExist);
     return record;
@@ -330,15 +311,8 @@ export class Host {
     this.store.remove(vmId);
   }
 
-  private async withVm<T>(vmId: string, operation: () => Promise<T>): Promise<T> {
-    const previous = this.vmLocks.get(vmId) ?? Promise.resolve();
-    const current = previous.catch(() => undefined).then(operation);
-    this.vmLocks.set(vmId, current);
-    try {
-      return await current;
-    } finally {
-      if (this.vmLocks.get(vmId) === current) this.vmLocks.delete(vmId);
-    }
+  private withVm<T>(vmId: string, operation: () => Promise<T>): Promise<T> {
+    return this.vmLocks.run(vmId, operation);
   }
 
   private assertCapacity(memory: number): void {
@@ -399,6 +373,3 @@ const runFields = (run: RunInfo): Partial<VmRecord> => ({
   disk: run.disk,
   "console-log": run.consoleLog,
 });
-
-const messageOf = (error: unknown): string =>
-  error instanceof Error ? error.message : String(error);

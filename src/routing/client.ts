@@ -1,17 +1,11 @@
-// The client's side of the broker: send a request the way DESIGN §3 routes it
-// and collect the replies over RabbitMQ's direct reply-to.
+// The client's side of the broker: publish a request by the route it is
+// given and gather the bodies that come back over RabbitMQ's direct reply-to.
+// It knows routes and counts of answers, not what the bodies say.
 import type { Channel, ChannelModel, ConsumeMessage, Message } from "amqplib";
-import * as v from "valibot";
+import { asError } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
-import {
-  describeIssues,
-  errorReply,
-  Reasons,
-  Reply,
-  type Request,
-  vmRoute,
-} from "../protocol/messages.ts";
+import { brokerError, parseBrokerError } from "./broker-errors.ts";
 import { connect, redactUrl } from "./connection.ts";
 import { COMPETING_QUEUE, EXCHANGE, hostQueue } from "./topology.ts";
 
@@ -26,17 +20,29 @@ export type ClientOptions = {
 };
 
 export type Gathered = {
-  replies: Reply[];
-  /** How many agents were live when the request went out. */
+  /** The bodies of the replies that arrived, in order. */
+  bodies: Buffer[];
+  /** How many answers were expected (live agents for a broadcast, else 1). */
   expected: number;
-  /** How many of them did not answer in time. */
+  /** How many of those did not arrive in time. */
   missing: number;
+  /** True when the broker returned a mandatory message: no queue is bound to its route. */
+  unrouted: boolean;
+};
+
+export type SendOptions = {
+  /** How many answers to wait for; a promise when the count is read while the request travels. */
+  expect: number | Promise<number>;
+  /** Have the broker return the message when no queue is bound to the route. */
+  mandatory: boolean;
+  /** Sent as the message id (e.g. a retry's); a fresh one otherwise. */
+  messageId?: string;
 };
 
 type Pending = {
-  replies: Reply[];
+  bodies: Buffer[];
   expected: number;
-  done: () => void;
+  done: (unrouted: boolean) => void;
   fail: (error: Error) => void;
 };
 
@@ -45,7 +51,6 @@ export class Client {
   private readonly channel: Channel;
   private readonly options: ClientOptions;
   private readonly pending = new Map<string, Pending>();
-  private readonly returned = new Map<string, () => void>();
   private closed = false;
   private checks: Channel | null = null;
 
@@ -81,11 +86,13 @@ export class Client {
       await model.close().catch(() => undefined);
       // A refusal names its reason; anything else while opening is a broker
       // that went away right after accepting us (one shutting down does).
-      throw new BrokerError(
-        /ACCESS.REFUSED|NOT.ALLOWED|\b403\b|\b530\b/.test(String(error))
-          ? `The broker at ${redactUrl(options.url)} refused our channel: ${String(error)}`
-          : `Lost the connection to the RabbitMQ broker at ${redactUrl(options.url)} while opening a channel: ${String(error)}`,
-      );
+      const parsed = parseBrokerError(error);
+      throw parsed.failure === "access-refused" || parsed.failure === "vhost-refused"
+        ? brokerError(error, redactUrl(options.url))
+        : new BrokerError(
+            `Lost the connection to the RabbitMQ broker at ${redactUrl(options.url)} while opening a channel: ${parsed.text}`,
+            { failure: "connection-lost", cause: error },
+          );
     }
   }
 
@@ -97,7 +104,7 @@ export class Client {
     return this.options.timeoutMs;
   }
 
-  /** How many agents consume create-vm right now: one per live host. */
+  /** How many agents consume the competing queue right now: one per live host. */
   async liveAgents(): Promise<number> {
     const checks = await this.checkChannel();
     try {
@@ -105,6 +112,89 @@ export class Client {
     } catch {
       return 0;
     }
+  }
+
+  /**
+   * Which of these hosts are live (their agent consumes their queue): after a
+   * broadcast, the ones among them that did not answer are the silent ones.
+   */
+  async liveHosts(hostIds: string[]): Promise<string[]> {
+    const live: string[] = [];
+    for (const hostId of hostIds) {
+      const checks = await this.checkChannel();
+      const count = await checks.checkQueue(hostQueue(hostId)).then(
+        (queue) => queue.consumerCount,
+        () => 0,
+      );
+      if (count > 0) live.push(hostId);
+    }
+    return live;
+  }
+
+  /** The error for a fleet with no live agent. */
+  noAgents(): BrokerError {
+    return new BrokerError(`No aetherscale agent is connected to ${redactUrl(this.options.url)}`, {
+      failure: "not-found",
+      hint: "Start one with `aetherscale agent`, and check that it uses the same AMQP URL and vhost.",
+    });
+  }
+
+  /**
+   * Publishes `body` to the exchange by `routingKey` and gathers replies until
+   * the expected number arrived, the broker returned the message, or the
+   * timeout passed (what is missing then is counted, never made up).
+   */
+  send(body: Buffer, routingKey: string, options: SendOptions): Promise<Gathered> {
+    const id = crypto.randomUUID();
+    if (this.closed) return Promise.reject(this.lost());
+    const { expect, mandatory } = options;
+    return new Promise<Gathered>((resolve, reject) => {
+      const bodies: Buffer[] = [];
+      const pending: Pending = {
+        bodies,
+        expected: typeof expect === "number" ? expect : Number.POSITIVE_INFINITY,
+        done: (unrouted) => {
+          settle();
+          const expected = Number.isFinite(pending.expected) ? pending.expected : bodies.length;
+          const missing = unrouted ? 0 : Math.max(0, expected - bodies.length);
+          resolve({ bodies, expected, missing, unrouted });
+        },
+        fail: (error: Error) => {
+          settle();
+          reject(error);
+        },
+      };
+      const settle = () => {
+        clearTimeout(timer);
+        this.pending.delete(id);
+      };
+      const timer = setTimeout(() => pending.done(false), this.options.timeoutMs);
+      this.pending.set(id, pending);
+      if (typeof expect !== "number") {
+        expect.then(
+          (count) => {
+            if (!this.pending.has(id)) return;
+            if (count === 0) return pending.fail(this.noAgents());
+            pending.expected = count;
+            if (bodies.length >= count) pending.done(false);
+          },
+          (error: unknown) => pending.fail(asError(error)),
+        );
+      }
+      this.channel.publish(EXCHANGE, routingKey, body, {
+        contentType: "application/json",
+        replyTo: DIRECT_REPLY_TO,
+        correlationId: id,
+        messageId: options.messageId ?? id,
+        expiration: String(this.options.timeoutMs),
+        mandatory,
+      });
+    });
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.model.close().catch(() => undefined);
   }
 
   /**
@@ -125,131 +215,11 @@ export class Client {
     return this.checks;
   }
 
-  /**
-   * Which of these hosts are live (their agent consumes their queue): after a
-   * broadcast, the ones among them that did not answer are the silent ones.
-   */
-  async liveHosts(hostIds: string[]): Promise<string[]> {
-    const live: string[] = [];
-    for (const hostId of hostIds) {
-      const checks = await this.checkChannel();
-      const count = await checks.checkQueue(hostQueue(hostId)).then(
-        (queue) => queue.consumerCount,
-        () => 0,
-      );
-      if (count > 0) live.push(hostId);
-    }
-    return live;
-  }
-
-  /** A command for one VM, to the one host that holds it (`vm.<id>`, mandatory). */
-  async toVm(request: Request, vmId: string): Promise<Reply> {
-    const gathered = await this.send(request, vmRoute(vmId), 1, true);
-    return (
-      gathered.replies[0] ??
-      errorReply(
-        "",
-        `The host that holds VM ${vmId} did not answer within ${this.seconds()} s; its agent may be down`,
-      )
-    );
-  }
-
-  /** create-vm to the competing queue: the first host with room takes it. */
-  async create(request: Request): Promise<Reply> {
-    if ((await this.liveAgents()) === 0) throw this.noAgents();
-    const gathered = await this.send(request, "create-vm", 1, true);
-    return (
-      gathered.replies[0] ??
-      errorReply("", `No host answered the create-vm within ${this.seconds()} s`)
-    );
-  }
-
-  /** A broadcast answered by every live host; returns once all of them have. */
-  async gather(request: Request): Promise<Gathered> {
-    // The count of live agents is read while the request is already on its
-    // way: the same agents answer, and the round trip is off the critical path.
-    return this.send(request, request.command, this.liveAgents(), false);
-  }
-
-  async close(): Promise<void> {
-    this.closed = true;
-    await this.model.close().catch(() => undefined);
-  }
-
-  private seconds(): string {
-    return (this.options.timeoutMs / 1000).toString();
-  }
-
-  private noAgents(): BrokerError {
-    return new BrokerError(`No aetherscale agent is connected to ${redactUrl(this.options.url)}`, {
-      hint: "Start one with `aetherscale agent`, and check that it uses the same AMQP URL and vhost.",
-    });
-  }
-
-  private send(
-    request: Request,
-    routingKey: string,
-    expecting: number | Promise<number>,
-    mandatory: boolean,
-  ): Promise<Gathered> {
-    const id = crypto.randomUUID();
-    if (this.closed) return Promise.reject(this.lost());
-    return new Promise<Gathered>((resolve, reject) => {
-      const replies: Reply[] = [];
-      const pending: Pending = {
-        replies,
-        expected: typeof expecting === "number" ? expecting : Number.POSITIVE_INFINITY,
-        done: () => {
-          settle();
-          const expected = Number.isFinite(pending.expected) ? pending.expected : replies.length;
-          resolve({ replies, expected, missing: Math.max(0, expected - replies.length) });
-        },
-        fail: (error: Error) => {
-          settle();
-          reject(error);
-        },
-      };
-      const settle = () => {
-        clearTimeout(timer);
-        this.pending.delete(id);
-        this.returned.delete(id);
-      };
-      const timer = setTimeout(pending.done, this.options.timeoutMs);
-      this.pending.set(id, pending);
-      if (typeof expecting !== "number") {
-        expecting.then(
-          (count) => {
-            if (!this.pending.has(id)) return;
-            if (count === 0) return pending.fail(this.noAgents());
-            pending.expected = count;
-            if (replies.length >= count) pending.done();
-          },
-          (error: unknown) =>
-            pending.fail(error instanceof Error ? error : new Error(String(error))),
-        );
-      }
-      if (mandatory) {
-        this.returned.set(id, () => {
-          replies.push(errorReply("", Reasons.vmDoesNotExist));
-          pending.done();
-        });
-      }
-      this.channel.publish(EXCHANGE, routingKey, Buffer.from(JSON.stringify(request)), {
-        contentType: "application/json",
-        replyTo: DIRECT_REPLY_TO,
-        correlationId: id,
-        messageId: id,
-        expiration: String(this.options.timeoutMs),
-        mandatory,
-      });
-    });
-  }
-
   private lost(): BrokerError {
     return new BrokerError(
       `Lost the connection to the RabbitMQ broker at ${redactUrl(this.options.url)} before every answer arrived`,
       {
-        hint: "Whether the command ran is unknown: check with `aetherscale vm list` once the broker is back.",
+        failure: "connection-lost",
       },
     );
   }
@@ -257,22 +227,14 @@ export class Client {
   private onClosed(cause: Error | null): void {
     if (this.closed) return;
     this.closed = true;
-    const text = cause?.message ?? "";
-    const refused = /ACCESS_REFUSED - (access to .*? refused for user '[^']*')/.exec(text);
-    let error: BrokerError;
-    if (/NOT_FOUND - no exchange/.test(text)) {
-      // No exchange: no agent has declared it since the broker started.
-      error = this.noAgents();
-    } else if (refused) {
-      error = new BrokerError(
-        `The RabbitMQ broker at ${redactUrl(this.options.url)} refused: ${refused[1]}`,
-        {
-          hint: "A client's user needs write permission on the exchange computing (see the README, Security).",
-        },
-      );
-    } else {
-      error = this.lost();
-    }
+    const failure = cause === null ? "connection-lost" : parseBrokerError(cause).failure;
+    // No exchange: no agent has declared it since the broker started.
+    const error =
+      failure === "not-found"
+        ? this.noAgents()
+        : failure === "access-refused"
+          ? brokerError(cause, redactUrl(this.options.url))
+          : this.lost();
     for (const pending of [...this.pending.values()]) pending.fail(error);
   }
 
@@ -281,25 +243,12 @@ export class Client {
     const id = msg.properties.correlationId as string | undefined;
     const pending = id === undefined ? undefined : this.pending.get(id);
     if (pending === undefined) return;
-    pending.replies.push(parseReply(msg.content));
-    if (pending.replies.length >= pending.expected) pending.done();
+    pending.bodies.push(msg.content);
+    if (pending.bodies.length >= pending.expected) pending.done(false);
   }
 
   private onReturn(msg: Message): void {
     const id = msg.properties.correlationId as string | undefined;
-    if (id !== undefined) this.returned.get(id)?.();
+    if (id !== undefined) this.pending.get(id)?.done(true);
   }
 }
-
-const parseReply = (content: Buffer): Reply => {
-  let json: unknown;
-  try {
-    json = JSON.parse(content.toString("utf8"));
-  } catch {
-    return errorReply("", "A host sent a reply that is not JSON");
-  }
-  const parsed = v.safeParse(Reply, json);
-  return parsed.success
-    ? parsed.output
-    : errorReply("", `A host sent an invalid reply: ${describeIssues(parsed.issues)}`);
-};

@@ -1,8 +1,10 @@
 // Opening an AMQP connection from a URL as the user gave it, and turning the
 // ways that fails into one message that says what to check.
 import { readFileSync } from "node:fs";
-import amqp, { type ChannelModel } from "amqplib";
+import amqp, { type ChannelModel, type ConfirmChannel, type Options } from "amqplib";
+import { asError, messageOf, withTimeout } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
+import { brokerError } from "./broker-errors.ts";
 
 export const DEFAULT_HEARTBEAT_S = 10;
 
@@ -24,11 +26,17 @@ export const withDefaults = (url: string, heartbeatS = DEFAULT_HEARTBEAT_S): str
     parsed = new URL(url);
   } catch {
     throw new BrokerError(`Invalid AMQP URL "${redactUrl(url)}"`, {
+      failure: "bad-config",
       hint: "Use the form amqp://user:password@host:5672/vhost (or amqps:// for TLS).",
     });
   }
   if (parsed.protocol !== "amqp:" && parsed.protocol !== "amqps:") {
-    throw new BrokerError(`Invalid AMQP URL "${redactUrl(url)}": the scheme must be amqp or amqps`);
+    throw new BrokerError(
+      `Invalid AMQP URL "${redactUrl(url)}": the scheme must be amqp or amqps`,
+      {
+        failure: "bad-config",
+      },
+    );
   }
   if (!parsed.searchParams.has("heartbeat"))
     parsed.searchParams.set("heartbeat", String(heartbeatS));
@@ -45,46 +53,6 @@ export type ConnectOptions = {
   caFile?: string | undefined;
 };
 
-const describe = (error: unknown, where: string): BrokerError => {
-  const text = error instanceof Error ? error.message : String(error);
-  const code = (error as NodeJS.ErrnoException)?.code;
-  const check = "Check --amqp-url (or AETHERSCALE_AMQP_URL) and that RabbitMQ runs there.";
-  if (code === "ECONNREFUSED") {
-    return new BrokerError(`Cannot reach the RabbitMQ broker at ${where}: connection refused`, {
-      hint: check,
-      cause: error,
-    });
-  }
-  if (code === "ENOTFOUND" || code === "EAI_AGAIN") {
-    return new BrokerError(`Cannot reach the RabbitMQ broker at ${where}: unknown host`, {
-      hint: check,
-      cause: error,
-    });
-  }
-  if (/ACCESS_REFUSED|403|PLAIN login refused|authentication/i.test(text)) {
-    return new BrokerError(`The RabbitMQ broker at ${where} refused the login`, {
-      hint: "Check the user name and password in the AMQP URL.",
-      cause: error,
-    });
-  }
-  if (/NOT_ALLOWED|530|vhost|Expected ConnectionOpenOk/i.test(text)) {
-    return new BrokerError(`The RabbitMQ broker at ${where} refused access to the virtual host`, {
-      hint: "Check the vhost in the AMQP URL and that the user has permissions on it.",
-      cause: error,
-    });
-  }
-  if (/certificate|self[- ]signed|CERT_|SSL|TLS/i.test(text) || /CERT|SSL|TLS/.test(code ?? "")) {
-    return new BrokerError(`TLS to the RabbitMQ broker at ${where} failed: ${text}`, {
-      hint: "Check the broker's certificate and --amqp-ca (or AETHERSCALE_AMQP_CA).",
-      cause: error,
-    });
-  }
-  return new BrokerError(`Cannot connect to the RabbitMQ broker at ${where}: ${text}`, {
-    hint: check,
-    cause: error,
-  });
-};
-
 export const connect = async (url: string, options: ConnectOptions): Promise<ChannelModel> => {
   const full = withDefaults(url, options.heartbeatS);
   const where = redactUrl(url);
@@ -96,32 +64,46 @@ export const connect = async (url: string, options: ConnectOptions): Promise<Cha
     try {
       socketOptions.ca = [readFileSync(options.caFile)];
     } catch (error) {
-      throw new BrokerError(`Cannot read the CA file ${options.caFile}: ${String(error)}`);
+      throw new BrokerError(`Cannot read the CA file ${options.caFile}: ${messageOf(error)}`, {
+        failure: "bad-config",
+      });
     }
   }
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const attempt = amqp.connect(full, socketOptions);
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () =>
-        reject(
-          new BrokerError(
-            `The RabbitMQ broker at ${where} did not answer within ${options.timeoutMs / 1000} s`,
-            {
-              hint: "Check --amqp-url (or AETHERSCALE_AMQP_URL), the network and the broker's health.",
-            },
-          ),
-        ),
-      options.timeoutMs,
+  const notAnswering = () =>
+    new BrokerError(
+      `The RabbitMQ broker at ${where} did not answer within ${options.timeoutMs / 1000} s`,
+      {
+        failure: "unreachable",
+        hint: "Check --amqp-url (or AETHERSCALE_AMQP_URL), the network and the broker's health.",
+      },
     );
-  });
   try {
-    return await Promise.race([attempt, timeout]);
-  } catch (error) {
     // A late success after our timeout must not leave a connection open.
-    void attempt.then((model) => model.close()).catch(() => undefined);
-    throw error instanceof BrokerError ? error : describe(error, where);
-  } finally {
-    clearTimeout(timer);
+    return await withTimeout(
+      amqp.connect(full, socketOptions),
+      options.timeoutMs,
+      notAnswering,
+      (model) => void model.close().catch(() => undefined),
+    );
+  } catch (error) {
+    throw brokerError(error, where);
   }
 };
+
+/** Publishes on a confirm channel; resolves once the broker confirmed, rejects if it refused. */
+export const publishConfirmed = (
+  channel: ConfirmChannel,
+  exchange: string,
+  routingKey: string,
+  body: Buffer,
+  options: Options.Publish,
+): Promise<void> =>
+  new Promise((resolve, reject) => {
+    try {
+      channel.publish(exchange, routingKey, body, options, (error: unknown) =>
+        error ? reject(asError(error)) : resolve(),
+      );
+    } catch (error) {
+      reject(error);
+    }
+  });

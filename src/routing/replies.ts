@@ -5,6 +5,7 @@
 // line, which is opened again for the next reply.
 import type { ChannelModel, ConfirmChannel, Options } from "amqplib";
 import { logger } from "../log.ts";
+import { publishConfirmed } from "./connection.ts";
 
 const log = logger.withTag("replies");
 const DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to.";
@@ -39,15 +40,7 @@ export class ReplyLine {
       );
     }
     const { channel } = await this.connection();
-    await new Promise<void>((resolve, reject) => {
-      try {
-        channel.publish("", replyTo, body, options, (error: unknown) =>
-          error ? reject(error instanceof Error ? error : new Error(String(error))) : resolve(),
-        );
-      } catch (error) {
-        reject(error);
-      }
-    });
+    await publishConfirmed(channel, "", replyTo, body, options);
   }
 
   async close(): Promise<void> {

@@ -1,19 +1,17 @@
-// Test support: a vhost of its own per test file on the real broker, agents
-// run as separate processes of the real executable, and the CLI run as a user
-// would run it.
-import { existsSync } from "node:fs";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
 import type { Subprocess } from "bun";
+import { BUILD_SCRIPT, EXE, executableIsStale, ROOT } from "../../scripts/executable.ts";
 
-export const ROOT = resolve(import.meta.dir, "..", "..");
-export const EXE = join(ROOT, "dist", "aetherscale");
+export { EXE, ROOT };
+
 const BROKER_HOST = process.env.AETHERSCALE_TEST_BROKER ?? "127.0.0.1:5672";
 
 export const ensureBuilt = async (): Promise<void> => {
-  if (existsSync(EXE) && process.env.AETHERSCALE_TEST_REBUILD !== "1") return;
-  const build = Bun.spawn(["bun", join(ROOT, "scripts", "build.ts")], {
+  // A build older than src/ would test yesterday's code and pass or fail for the wrong reason.
+  if (!executableIsStale() && process.env.AETHERSCALE_TEST_REBUILD !== "1") return;
+  const build = Bun.spawn([process.execPath, BUILD_SCRIPT], {
     cwd: ROOT,
     stdout: "inherit",
     stderr: "inherit",

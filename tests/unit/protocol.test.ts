@@ -1,7 +1,7 @@
 // Parsing what arrives on the wire: the tutorial's shapes pass, everything
 // else becomes one clear reason.
 import { describe, expect, test } from "bun:test";
-import { parseRequest } from "../src/protocol/messages.ts";
+import { parseRequest } from "../../src/protocol/messages.ts";
 
 const parse = (value: unknown) =>
   parseRequest(Buffer.from(typeof value === "string" ? value : JSON.stringify(value)));

@@ -1,0 +1,130 @@
+// Small helpers every layer shares, each written once: a second copy of a
+// deadline, a lock or a liveness check is a bug waiting to differ.
+
+export const sleep = (ms: number): Promise<void> =>
+  new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
+
+/** The text of anything thrown, for messages that name what failed. */
+export const messageOf = (error: unknown): string =>
+  error instanceof Error ? error.message : String(error);
+
+/** Anything thrown, as an Error. */
+export const asError = (error: unknown): Error =>
+  error instanceof Error ? error : new Error(String(error));
+
+/** A point in time to work towards: how long is left, and whether it has passed. */
+export class Deadline {
+  readonly at: number;
+  constructor(ms: number) {
+    this.at = Date.now() + ms;
+  }
+  /** Milliseconds left, never below zero. */
+  get left(): number {
+    return Math.max(0, this.at - Date.now());
+  }
+  get passed(): boolean {
+    return Date.now() >= this.at;
+  }
+}
+
+/**
+ * `work`, or `onTimeout()` thrown when it has not settled within `ms`. The
+ * work itself is not cancelled; `late` sees a result that arrives after the
+ * timeout (to close a connection nobody will use, say).
+ */
+export const withTimeout = async <T>(
+  work: Promise<T>,
+  ms: number,
+  onTimeout: () => Error,
+  late?: (value: T) => void,
+): Promise<T> => {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let timedOut = false;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      timedOut = true;
+      reject(onTimeout());
+    }, ms);
+  });
+  try {
+    return await Promise.race([work, timeout]);
+  } finally {
+    clearTimeout(timer);
+    if (timedOut && late) void work.then(late, () => undefined);
+  }
+};
+
+/** Waits for `work` at most `ms`; true when it settled (either way) in time. */
+export const settlesWithin = async (ms: number, work: Promise<unknown>): Promise<boolean> => {
+  const settled = work.then(
+    () => true,
+    () => true,
+  );
+  return withTimeout(settled, ms, () => new Error("timeout")).catch(() => false);
+};
+
+/** Polls `check` every `intervalMs` until it is true or `deadline` passes; true when it became true. */
+export const pollUntil = async (
+  check: () => Promise<boolean> | boolean,
+  deadline: Deadline,
+  intervalMs: number,
+): Promise<boolean> => {
+  for (;;) {
+    if (await check()) return true;
+    if (deadline.passed) return false;
+    await sleep(Math.min(intervalMs, deadline.left));
+  }
+};
+
+/** Whether a pid names a process that exists (EPERM: it does, and is someone else's). */
+export const pidExists = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+};
+
+/**
+ * Runs tasks one at a time per key (a VM id, say), in the order they came;
+ * different keys run side by side. A failed task does not block the next.
+ */
+export class KeyedLock {
+  private readonly tails = new Map<string, Promise<unknown>>();
+
+  run<T>(key: string, task: () => Promise<T>): Promise<T> {
+    const previous = this.tails.get(key) ?? Promise.resolve();
+    const result = previous.then(task, task);
+    const tail = result.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.tails.set(key, tail);
+    void tail.then(() => {
+      if (this.tails.get(key) === tail) this.tails.delete(key);
+    });
+    return result;
+  }
+
+  /** Resolves once every task queued so far has finished. */
+  async drain(): Promise<void> {
+    await Promise.allSettled([...this.tails.values()]);
+  }
+}
+
+export type Deferred<T> = {
+  promise: Promise<T>;
+  resolve: (value: T) => void;
+  reject: (error: unknown) => void;
+};
+
+export const deferred = <T = void>(): Deferred<T> => {
+  let resolve!: (value: T) => void;
+  let reject!: (error: unknown) => void;
+  const promise = new Promise<T>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  return { promise, resolve, reject };
+};

@@ -1,0 +1,164 @@
+// The one adapter between the wire protocol and a host's VMs: parses each
+// message, says by which routes it may come and where a repeat of it lives,
+// maps the request to the host's methods, and encodes the reply. Routing
+// calls it without knowing what a VM is.
+import { CommandError, DeclineError } from "../errors.ts";
+import type { Host } from "../hypervisor/host.ts";
+import { encodeReply, errorReply, RawJson, successReply } from "../protocol/envelope.ts";
+import {
+  BROADCAST_COMMANDS,
+  CREATE_COMMAND,
+  type ParsedRequest,
+  parseRequest,
+  Reasons,
+  VM_COMMANDS,
+  vmIdForRequest,
+  vmRoute,
+} from "../protocol/messages.ts";
+import type {
+  Delivery,
+  MessageHandler,
+  Outcome,
+  Plan,
+  RouteChanges,
+  RunContext,
+} from "../routing/consumer.ts";
+import type { AgentTopology } from "../routing/topology.ts";
+
+/** The queues and keys of DESIGN §3 for this host. */
+export const agentTopology = (hostId: string): AgentTopology => ({
+  hostId,
+  competingKeys: [CREATE_COMMAND],
+  hostKeys: BROADCAST_COMMANDS,
+});
+
+const isVmRequest = (
+  request: ParsedRequest,
+): request is ParsedRequest<(typeof VM_COMMANDS)[number]> =>
+  (VM_COMMANDS as readonly string[]).includes(request.command);
+
+/**
+ * The routes a request may arrive by: its own command name; a VM command also
+ * by its VM's route; a create-vm also by the route its message id claims (a
+ * redelivery or a retry sent home by another host).
+ */
+export const allowedRoutes = (request: ParsedRequest, messageId: string | undefined): string[] => {
+  const routes: string[] = [request.command];
+  if (request.command === CREATE_COMMAND && messageId !== undefined) {
+    routes.push(vmRoute(vmIdForRequest(messageId)));
+  }
+  if (isVmRequest(request)) routes.push(vmRoute(request.options["vm-id"]));
+  return routes;
+};
+
+export class HostHandler implements MessageHandler {
+  private readonly host: Host;
+  /** A large list is the same object for as long as it does not change; so are its bytes. */
+  private readonly encoded = new WeakMap<RawJson, Buffer>();
+
+  constructor(host: Host) {
+    this.host = host;
+  }
+
+  plan(delivery: Delivery): Plan {
+    const parsed = parseRequest(delivery.body);
+    if (!parsed.ok) return { kind: "refuse", body: this.errorBody(parsed.reason) };
+    const request = parsed.request;
+    const { messageId } = delivery;
+    // A create-vm this host did not make, whose id another host may have
+    // claimed: offered there first, so one message id makes one VM.
+    const home =
+      request.command === CREATE_COMMAND &&
+      messageId !== undefined &&
+      !this.host.knowsRequest(messageId)
+        ? vmRoute(vmIdForRequest(messageId))
+        : undefined;
+    return {
+      kind: "run",
+      what: request.command,
+      routes: allowedRoutes(request, messageId),
+      home,
+      run: (context) => this.run(request, messageId, context),
+    };
+  }
+
+  errorBody(reason: string): Buffer {
+    return Buffer.from(encodeReply(errorReply(this.host.id, reason)));
+  }
+
+  routes(): string[] {
+    return this.host.vmIds().map(vmRoute);
+  }
+
+  private async run(
+    request: ParsedRequest,
+    messageId: string | undefined,
+    context: RunContext,
+  ): Promise<Outcome> {
+    try {
+      return await this.dispatch(request, messageId, context);
+    } catch (error) {
+      if (error instanceof DeclineError && request.command === CREATE_COMMAND) {
+        const image = request.options.image;
+        return {
+          kind: "decline",
+          reasonKind: error.kind,
+          message: error.message,
+          everywhere: (kinds) =>
+            kinds.includes("capacity") ? Reasons.noCapacity : Reasons.imageDoesNotExist(image),
+        };
+      }
+      if (error instanceof CommandError || error instanceof DeclineError) {
+        return { kind: "reply", body: this.errorBody(error.message) };
+      }
+      throw error;
+    }
+  }
+
+  private async dispatch(
+    request: ParsedRequest,
+    messageId: string | undefined,
+    context: RunContext,
+  ): Promise<Outcome> {
+    const host = this.host;
+    switch (request.command) {
+      case "create-vm": {
+        const created = await host.createVm(request.options, {
+          requestId: messageId,
+          claim: (vmId) => context.claim(vmRoute(vmId)),
+        });
+        return this.success(created, { bind: [vmRoute(created["vm-id"])] });
+      }
+      case "list-vms":
+        return this.success(host.list());
+      case "list-hosts":
+        return this.success(await host.info());
+      case "vm-info":
+        return this.success(host.record(request.options["vm-id"]));
+      case "start-vm":
+        return this.success(await host.startVm(request.options["vm-id"]));
+      case "stop-vm":
+        return this.success(await host.stopVm(request.options));
+      case "delete-vm": {
+        const deleted = await host.deleteVm(request.options["vm-id"]);
+        return this.success(deleted, { unbind: [vmRoute(deleted["vm-id"])] });
+      }
+    }
+  }
+
+  private success(response: unknown, routes?: RouteChanges): Outcome {
+    return { kind: "reply", body: this.encode(response), ...(routes ? { routes } : {}) };
+  }
+
+  private encode(response: unknown): Buffer {
+    if (!(response instanceof RawJson)) {
+      return Buffer.from(encodeReply(successReply(this.host.id, response)));
+    }
+    let body = this.encoded.get(response);
+    if (body === undefined) {
+      body = Buffer.from(encodeReply(successReply(this.host.id, response)));
+      this.encoded.set(response, body);
+    }
+    return body;
+  }
+}

@@ -1,0 +1,490 @@
+// The agent's side of the broker, knowing routes and nothing of what messages
+// mean: keep a connection (reconnecting with back-off), declare the topology,
+// consume with a prefetch, hand each message to the handler it is given, apply
+// the route changes the handler asks for, reply with a broker confirm, and
+// only then acknowledge. Which host a message belongs on is placement.ts's.
+import type { Channel, ChannelModel, ConfirmChannel, ConsumeMessage, Options } from "amqplib";
+import { messageOf, settlesWithin, sleep } from "../_utils.ts";
+import { BrokerError } from "../errors.ts";
+import { logger } from "../log.ts";
+import { brokerError, parseBrokerError } from "./broker-errors.ts";
+import { connect, publishConfirmed, redactUrl } from "./connection.ts";
+import { handOn, routeMismatch, shouldSendHome } from "./placement.ts";
+import { ReplyLine } from "./replies.ts";
+import {
+  type AgentTopology,
+  bindRoute,
+  COMPETING_QUEUE,
+  declareAgentTopology,
+  EXCHANGE,
+  hostQueue,
+  unbindRoute,
+} from "./topology.ts";
+
+const log = logger.withTag("agent");
+
+/** A message as the handler sees it. */
+export type Delivery = {
+  body: Buffer;
+  routingKey: string;
+  messageId: string | undefined;
+  redelivered: boolean;
+};
+
+/** Routes of this host's queue to add or remove once a message has run. */
+export type RouteChanges = { bind?: readonly string[]; unbind?: readonly string[] };
+
+export type Outcome =
+  /** Answer with this body (an encoded reply), after applying `routes`. */
+  | { kind: "reply"; body: Buffer; routes?: RouteChanges }
+  /**
+   * This host cannot serve it, another may: hand it on. `reasonKind` is the
+   * handler's own word (routing only collects them); `everywhere` turns the
+   * kinds of every host that declined into the final error text.
+   */
+  | {
+      kind: "decline";
+      reasonKind: string;
+      message: string;
+      everywhere: (kinds: string[]) => string;
+    };
+
+export type RunContext = {
+  /**
+   * Binds `route` to this host at once, before the work it stands for is
+   * done: a redelivery of this message elsewhere then finds its way here.
+   * Unbound again if the message ends in anything but a reply.
+   */
+  claim(route: string): Promise<void>;
+};
+
+export type Plan =
+  /** Not a valid message: answer with this body, run nothing. */
+  | { kind: "refuse"; body: Buffer }
+  | {
+      kind: "run";
+      /** What the message asks for, for messages and logs. */
+      what: string;
+      /** The routes it may arrive by; any other is refused. */
+      routes: readonly string[];
+      /**
+       * Where it is (or was being) served if another host claimed it: a
+       * message that did not come by this route is first offered there.
+       */
+      home?: string | undefined;
+      run(context: RunContext): Promise<Outcome>;
+    };
+
+export type MessageHandler = {
+  /** Parses a message and says how it may run; never throws. */
+  plan(delivery: Delivery): Plan;
+  /** The body of an error reply with this reason. */
+  errorBody(reason: string): Buffer;
+  /** Every route this host's queue must have, re-bound after each (re)connect. */
+  routes(): string[];
+};
+
+export type AgentConsumerOptions = {
+  url: string;
+  topology: AgentTopology;
+  handler: MessageHandler;
+  caFile?: string | undefined;
+  /** Unacknowledged messages of the competing queue one agent holds at once. */
+  competingPrefetch?: number;
+  /** Unacknowledged messages of this host's own queue held at once. */
+  hostPrefetch?: number;
+  connectTimeoutMs?: number;
+  heartbeatS?: number;
+};
+
+/**
+ * Longest pause between reconnect attempts. Short, because until an agent is
+ * back its routes may be gone (a restarted broker forgets them).
+ */
+const RECONNECT_MAX_MS = 5_000;
+/** How long stop() waits for the broker to confirm a cancel or a close. */
+const STOP_STEP_MS = 3_000;
+
+/** One connection and its channels, from connect to close. */
+type Session = {
+  model: ChannelModel;
+  consume: Channel;
+  publish: ConfirmChannel;
+  ops: Channel;
+  consumerTags: string[];
+  alive: boolean;
+};
+
+/**
+ * The properties a forwarded message keeps. Not all: a user-id set by the
+ * client would make the broker refuse our publish.
+ */
+const CARRIED_PROPERTIES = [
+  "contentType",
+  "correlationId",
+  "replyTo",
+  "messageId",
+  "timestamp",
+  "type",
+  "appId",
+  "headers",
+  "expiration",
+] as const;
+
+const carriedProperties = (msg: ConsumeMessage): Options.Publish =>
+  Object.fromEntries(CARRIED_PROPERTIES.map((key) => [key, msg.properties[key]]));
+
+export class AgentConsumer {
+  private readonly options: AgentConsumerOptions;
+  private readonly hostId: string;
+  private readonly where: string;
+  private session: Session | null = null;
+  private readonly inFlight = new Set<Promise<void>>();
+  private stopping = false;
+  private reconnecting: Promise<void> | null = null;
+  private readonly replies: ReplyLine;
+  /** Messages whose reply is out, so a failure after it never sends a second one. */
+  private readonly replied = new WeakSet<ConsumeMessage>();
+
+  constructor(options: AgentConsumerOptions) {
+    this.options = options;
+    this.hostId = options.topology.hostId;
+    this.where = redactUrl(options.url);
+    this.replies = new ReplyLine(() => this.dial(`aetherscale agent ${this.hostId} replies`));
+  }
+
+  /** Connects and starts consuming; an unreachable broker is retried, a refusal is fatal. */
+  async start(): Promise<void> {
+    await this.connectWithRetry(true);
+  }
+
+  /** No new messages; finishes the ones in flight, then closes the connection. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    const session = this.session;
+    // On a link that died silently the broker never answers, and amqplib
+    // would wait for the heartbeat to time out (2-3 intervals): a broker that
+    // does not confirm the cancel within a few seconds is not waited for again.
+    let answering = false;
+    if (session?.alive) {
+      answering = await settlesWithin(
+        STOP_STEP_MS,
+        Promise.allSettled(session.consumerTags.map((tag) => session.consume.cancel(tag))),
+      );
+    }
+    await Promise.allSettled([...this.inFlight]);
+    const step = answering ? STOP_STEP_MS : 0;
+    if (session?.alive) {
+      // amqplib writes each channel's frames in turn: a connection close could
+      // overtake the last acknowledgements. Closing their channel first puts
+      // its close behind them, and the broker confirms it. Every message in
+      // flight is settled, so the session is over before its channels close.
+      session.alive = false;
+      await settlesWithin(step, session.consume.close());
+      await settlesWithin(step, session.model.close());
+    }
+    await settlesWithin(step, this.replies.close());
+    this.session = null;
+  }
+
+  private async connectWithRetry(first: boolean): Promise<void> {
+    let delay = 500;
+    for (let attempt = 1; !this.stopping; attempt++) {
+      try {
+        await this.open();
+        if (!first) log.success(`reconnected to ${this.where}`);
+        return;
+      } catch (caught) {
+        const error = brokerError(caught, this.where);
+        if (first && error.fatal) throw error;
+        const wait = Math.round(delay * (0.8 + Math.random() * 0.4));
+        log.warn(
+          `${error.message}; retrying in ${(wait / 1000).toFixed(1)} s (attempt ${attempt})`,
+        );
+        await sleep(wait);
+        delay = Math.min(delay * 2, RECONNECT_MAX_MS);
+      }
+    }
+  }
+
+  private dial(name: string) {
+    const { url, connectTimeoutMs, caFile, heartbeatS } = this.options;
+    return connect(url, {
+      timeoutMs: connectTimeoutMs ?? 10_000,
+      name,
+      caFile,
+      ...(heartbeatS === undefined ? {} : { heartbeatS }),
+    });
+  }
+
+  private async open(): Promise<void> {
+    const model = await this.dial(`aetherscale agent ${this.hostId}`);
+    let session: Session | null = null;
+    // A failure while setting up must not leave a half-open connection behind.
+    try {
+      model.on("error", (error: Error) => log.warn(`broker connection error: ${error.message}`));
+      const [consume, publish, ops] = await Promise.all([
+        model.createChannel(),
+        model.createConfirmChannel(),
+        model.createChannel(),
+      ]);
+      session = { model, consume, publish, ops, consumerTags: [], alive: true };
+      const current = session;
+      for (const channel of [consume, publish, ops]) {
+        channel.on("error", (error: Error) => log.warn(`broker channel error: ${error.message}`));
+      }
+      model.on("close", () => this.onClosed(current));
+      await declareAgentTopology(ops, this.options.topology);
+      await this.rebind(ops);
+      await consume.prefetch(this.options.competingPrefetch ?? 8);
+      const competing = await consume.consume(COMPETING_QUEUE, (msg) =>
+        this.dispatch(current, msg),
+      );
+      await consume.prefetch(this.options.hostPrefetch ?? 32);
+      const own = await consume
+        .consume(hostQueue(this.hostId), (msg) => this.dispatch(current, msg), {
+          exclusive: true,
+        })
+        .catch((error: unknown) => {
+          // Not any refusal: a user without read permission gets ACCESS_REFUSED.
+          throw parseBrokerError(error).failure === "resource-locked"
+            ? new BrokerError(
+                `Another agent with host id "${this.hostId}" is already connected to the broker at ${this.where}`,
+                {
+                  failure: "resource-locked",
+                  hint: "Give every host its own --host-id.",
+                  cause: error,
+                },
+              )
+            : error;
+        });
+      session.consumerTags = [competing.consumerTag, own.consumerTag];
+      this.session = session;
+      // A channel the broker closed (e.g. over a publish it refused) leaves the
+      // session half dead: start over on a new connection, where every
+      // unacknowledged message is redelivered.
+      for (const channel of [consume, publish, ops]) {
+        channel.on("close", () => {
+          if (!current.alive) return;
+          log.warn("the broker closed one of our channels; reconnecting");
+          void model.close().catch(() => undefined);
+        });
+      }
+      log.info(
+        `host ${this.hostId} consuming ${COMPETING_QUEUE} and ${hostQueue(this.hostId)} at ${this.where}`,
+      );
+    } catch (error) {
+      if (session) session.alive = false;
+      await model.close().catch(() => undefined);
+      throw error;
+    }
+  }
+
+  private async rebind(ops: Channel): Promise<void> {
+    const routes = this.options.handler.routes();
+    await Promise.all(routes.map((route) => bindRoute(ops, this.hostId, route)));
+    if (routes.length > 0) log.info(`re-bound ${routes.length} route(s)`);
+  }
+
+  private onClosed(session: Session): void {
+    if (!session.alive) return;
+    session.alive = false;
+    if (this.session === session) this.session = null;
+    if (this.stopping) return;
+    log.warn("lost the connection to the broker; reconnecting");
+    this.reconnecting ??= this.connectWithRetry(false).finally(() => {
+      this.reconnecting = null;
+    });
+  }
+
+  private dispatch(session: Session, msg: ConsumeMessage | null): void {
+    if (msg === null) {
+      log.warn("the broker cancelled our consumer; reconnecting");
+      void session.model.close().catch(() => undefined);
+      return;
+    }
+    const work = this.process(session, msg).catch((error: unknown) => {
+      log.error(`failed to handle a message: ${messageOf(error)}`);
+      return this.settleFailed(session, msg, error);
+    });
+    this.inFlight.add(work);
+    void work.finally(() => this.inFlight.delete(work));
+  }
+
+  private async process(session: Session, msg: ConsumeMessage): Promise<void> {
+    const { handler } = this.options;
+    const delivery: Delivery = {
+      body: msg.content,
+      routingKey: msg.fields.routingKey,
+      messageId: (msg.properties.messageId as string | undefined) || undefined,
+      redelivered: msg.fields.redelivered,
+    };
+    const plan = handler.plan(delivery);
+    if (plan.kind === "refuse") {
+      log.debug(`refused a message by ${delivery.routingKey}`);
+      return this.answer(session, msg, plan.body);
+    }
+    const mismatch = routeMismatch(delivery.routingKey, plan.routes, plan.what);
+    if (mismatch !== null) return this.answer(session, msg, handler.errorBody(mismatch));
+    // Claimed elsewhere (a redelivery after a host died, or a client's retry):
+    // the host that claimed it answers it.
+    if (shouldSendHome(delivery.routingKey, plan.home)) {
+      if (await this.sendHome(session, msg, plan.home)) return;
+    }
+    const claimed: string[] = [];
+    const claim = async (route: string) => {
+      await bindRoute(session.ops, this.hostId, route);
+      claimed.push(route);
+    };
+    let outcome: Outcome;
+    try {
+      outcome = await plan.run({ claim });
+    } catch (error) {
+      await this.unbindAll(session, claimed);
+      log.error(`${plan.what} failed: ${messageOf(error)}`);
+      const reason = `Internal error on host ${this.hostId}: ${messageOf(error)}`;
+      return this.answer(session, msg, handler.errorBody(reason));
+    }
+    if (outcome.kind === "decline") {
+      await this.unbindAll(session, claimed);
+      return this.handOn(session, msg, outcome);
+    }
+    const bind = (outcome.routes?.bind ?? []).filter((route) => !claimed.includes(route));
+    await Promise.all(bind.map((route) => bindRoute(session.ops, this.hostId, route)));
+    await this.unbindAll(session, outcome.routes?.unbind ?? []);
+    return this.answer(session, msg, outcome.body);
+  }
+
+  private async answer(session: Session, msg: ConsumeMessage, body: Buffer): Promise<void> {
+    await this.reply(session, msg, body);
+    this.ack(session, msg);
+  }
+
+  /**
+   * A message whose handling failed unexpectedly still gets its one reply and
+   * is acknowledged, so it can neither hang its client nor hold a prefetch
+   * slot for good. On a dead channel the next connection sees it again.
+   */
+  private async settleFailed(session: Session, msg: ConsumeMessage, error: unknown): Promise<void> {
+    try {
+      if (!this.replied.has(msg)) {
+        const reason = `Internal error on host ${this.hostId}: ${messageOf(error)}`;
+        await this.reply(session, msg, this.options.handler.errorBody(reason));
+      }
+      this.ack(session, msg);
+    } catch (again) {
+      log.warn(`could not settle the failed message either (${messageOf(again)}); reconnecting`);
+      if (session.alive) await session.model.close().catch(() => undefined);
+    }
+  }
+
+  private async unbindAll(session: Session, routes: readonly string[]): Promise<void> {
+    if (!session.alive) return;
+    await Promise.all(
+      routes.map((route) => unbindRoute(session.ops, this.hostId, route).catch(() => undefined)),
+    );
+  }
+
+  /**
+   * Offers the message to the host that claimed its home route (a mandatory
+   * publish the broker returns when nobody holds that route). True when it
+   * went home.
+   */
+  private async sendHome(session: Session, msg: ConsumeMessage, route: string): Promise<boolean> {
+    const messageId = msg.properties.messageId as string;
+    let returned = false;
+    const onReturn = (back: { properties: { messageId?: string } }) => {
+      if (back.properties.messageId === messageId) returned = true;
+    };
+    session.publish.on("return", onReturn);
+    try {
+      // The broker sends basic.return before the confirm, so `returned` is settled by then.
+      await publishConfirmed(session.publish, EXCHANGE, route, msg.content, {
+        ...carriedProperties(msg),
+        mandatory: true,
+      });
+    } finally {
+      session.publish.off("return", onReturn);
+    }
+    if (returned) return false;
+    log.info(
+      msg.fields.redelivered
+        ? `message ${messageId} was redelivered here; sent it back to the host that claimed it`
+        : `message ${messageId} repeats one another host took; sent it there`,
+    );
+    this.ack(session, msg);
+    return true;
+  }
+
+  /**
+   * This host cannot serve the message: pass it back to the competing queue
+   * with our name added, unless every live host has now declined it, in which
+   * case the client gets the error at once.
+   */
+  private async handOn(
+    session: Session,
+    msg: ConsumeMessage,
+    decline: Extract<Outcome, { kind: "decline" }>,
+  ): Promise<void> {
+    const decision = handOn({
+      headers: msg.properties.headers ?? {},
+      hostId: this.hostId,
+      kind: decline.reasonKind,
+      live: (await session.ops.checkQueue(COMPETING_QUEUE)).consumerCount,
+      now: Date.now(),
+      expiration: msg.properties.expiration as string | undefined,
+    });
+    const { handler } = this.options;
+    switch (decision.action) {
+      case "expired":
+        log.debug("a declined message expired before any host took it");
+        // Its client has given up; the reply only keeps the rule "one reply per request".
+        return this.answer(
+          session,
+          msg,
+          handler.errorBody(`The request expired before a host could take it (${decline.message})`),
+        );
+      case "exhausted":
+        return this.answer(session, msg, handler.errorBody(decline.everywhere(decision.kinds)));
+      case "republish": {
+        // Only the shared queue has other hosts to try; elsewhere this host is the last word.
+        if (!this.options.topology.competingKeys.includes(msg.fields.routingKey)) {
+          return this.answer(session, msg, handler.errorBody(decline.message));
+        }
+        const options: Options.Publish = { ...carriedProperties(msg), headers: decision.headers };
+        if (decision.expiration !== undefined) options.expiration = decision.expiration;
+        await publishConfirmed(
+          session.publish,
+          EXCHANGE,
+          msg.fields.routingKey,
+          msg.content,
+          options,
+        );
+        this.ack(session, msg);
+      }
+    }
+  }
+
+  private async reply(session: Session, msg: ConsumeMessage, body: Buffer): Promise<void> {
+    const replyTo = msg.properties.replyTo as string | undefined;
+    if (!replyTo) return;
+    const options: Options.Publish = { contentType: "application/json" };
+    if (msg.properties.correlationId) options.correlationId = msg.properties.correlationId;
+    try {
+      await this.replies.publish(replyTo, body, options);
+    } catch (error) {
+      // With the broker gone the message is redelivered and answered later;
+      // with the broker there, this one reply cannot be delivered, and holding
+      // the message back would only bring it round again.
+      if (!session.alive) throw error;
+      log.warn(`dropped an undeliverable reply to "${replyTo.slice(0, 80)}": ${messageOf(error)}`);
+    }
+    this.replied.add(msg);
+  }
+
+  private ack(session: Session, msg: ConsumeMessage): void {
+    // On a dead connection the broker has already requeued the message; the
+    // redelivery is recognised by its message id.
+    if (session.alive) session.consume.ack(msg);
+  }
+}
