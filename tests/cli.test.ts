@@ -72,16 +72,23 @@ describe("version and help", () => {
 
 describe("bad input is refused before anything is sent", () => {
   const cases: Array<[string[], string]> = [
-    [["vm", "frobnicate"], 'Unknown command "frobnicate"'],
+    [["vm", "frobnicate"], "Unknown command frobnicate"],
+    [["hasOwnProperty"], "Unknown command hasOwnProperty"],
+    [["vm", "toString"], "Unknown command toString"],
     [["vm", "list", "--bogus"], "Unknown option --bogus"],
+    [["vm", "list", "--tiemout", "5"], "Unknown option --tiemout"],
     [["vm", "create"], "Missing required argument: --image"],
-    [["vm", "create", "--image", "base", "--memory", "lots"], "--memory must be a whole number"],
-    [["vm", "create", "--image", "base", "--cpus", "0"], "--cpus must be a whole number from 1"],
+    [
+      ["vm", "create", "--image", "base", "--memory", "lots"],
+      '--memory must be a number, not "lots"',
+    ],
+    [["vm", "create", "--image", "base", "--memory", "5"], "memory must be at least 16 MiB"],
+    [["vm", "create", "--image", "base", "--cpus", "0"], "cpus must be at least 1"],
     [
       ["vm", "create", "--image", "base", "--init-script", "/nonexistent/script.sh"],
       "Cannot read the init script",
     ],
-    [["vm", "info", "NOT-AN-ID"], "is not a VM id"],
+    [["vm", "info", "NOT-AN-ID"], "vm-id must be 8 lowercase letters"],
     [["vm", "stop"], "Missing required positional argument: ID"],
     [["stop-vm"], "Missing required argument: --vm-id"],
     [["vm", "list", "--timeout", "soon"], "--timeout must be a number of seconds"],
@@ -93,6 +100,21 @@ describe("bad input is refused before anything is sent", () => {
       const result = await cli(args, { env: { AETHERSCALE_AMQP_URL: vhost.url } });
       expect(result.code).toBe(2);
       expect(result.stderr).toContain(message);
+      expect(result.stdout).toBe("");
+    });
+  }
+});
+
+describe("a hostile request is refused by the client, without a broker", () => {
+  for (const args of [
+    ["vm", "create", "--image", "../x"],
+    ["create-vm", "--image", "../x"],
+  ]) {
+    test(args.join(" "), async () => {
+      const result = await cli(args, { url: "amqp://127.0.0.1:1", timeout: 5 });
+      expect(result.code).toBe(2);
+      expect(result.stderr).toContain("image must be 1-64 characters");
+      expect(result.stderr).not.toContain("Cannot reach");
       expect(result.stdout).toBe("");
     });
   }

@@ -1,4 +1,6 @@
-// Flags shared by several commands, declared once and spread into each.
+// Flags shared by several commands, declared once and spread into each, and
+// the few conversions of a flag's text that are the command line's own. What
+// a request may contain is the protocol schemas' business, not this file's.
 import type { ArgsDef } from "citty";
 import { UsageError } from "../errors.ts";
 
@@ -33,57 +35,13 @@ export const vmIdArg = {
   id: { type: "positional", description: "The VM's id (8 lowercase letters)", required: true },
 } as const satisfies ArgsDef;
 
-export const resolveAmqpUrl = (flag: string | undefined, env = process.env): string => {
-  if (flag) return flag;
-  if (env.AETHERSCALE_AMQP_URL) return env.AETHERSCALE_AMQP_URL;
-  if (env.RABBITMQ_HOST) return `amqp://${env.RABBITMQ_HOST}`;
-  return "amqp://localhost";
-};
-
-export const resolveCaFile = (flag: string | undefined, env = process.env): string | undefined =>
-  flag || env.AETHERSCALE_AMQP_CA || undefined;
-
-/** A whole number from a flag, or a usage error that names the flag. */
-export const integerArg = (
-  name: string,
-  value: unknown,
-  range: { min: number; max: number },
-): number => {
-  const text = String(value).trim();
-  const number = /^-?\d+$/.test(text) ? Number(text) : Number.NaN;
-  if (!Number.isSafeInteger(number) || number < range.min || number > range.max) {
-    throw new UsageError(
-      `--${name} must be a whole number from ${range.min} to ${range.max}, not "${text}"`,
-    );
-  }
-  return number;
-};
-
-/** A positive number of seconds, possibly fractional, as milliseconds. */
-export const secondsArg = (name: string, value: unknown): number => {
-  const text = String(value).trim();
-  const seconds = /^\d+(\.\d+)?$/.test(text) ? Number(text) : Number.NaN;
-  if (!(seconds > 0 && seconds <= 86_400)) {
-    throw new UsageError(`--${name} must be a number of seconds above 0, not "${text}"`);
-  }
-  return Math.round(seconds * 1000);
-};
-
-export type ConnectionFlags = { "amqp-url"?: string; "amqp-ca"?: string };
-export type ClientFlags = ConnectionFlags & { timeout?: string; json?: boolean };
-
-/** Reads are quick; changes may wait for a guest to power down (the agent's --stop-timeout). */
-export const DEFAULT_TIMEOUT_S = { read: 10, change: 90 } as const;
-
-export const clientOptionsFrom = (args: ClientFlags, kind: keyof typeof DEFAULT_TIMEOUT_S) => ({
-  url: resolveAmqpUrl(args["amqp-url"]),
-  caFile: resolveCaFile(args["amqp-ca"]),
-  timeoutMs: secondsArg("timeout", args.timeout ?? String(DEFAULT_TIMEOUT_S[kind])),
-});
-
 /** The tutorial's spelling: `start-vm --vm-id ID`. */
 export const vmIdFlag = {
   "vm-id": { type: "string", description: "The VM's id", required: true, valueHint: "id" },
+} as const satisfies ArgsDef;
+
+export const killArg = {
+  kill: { type: "boolean", description: "Kill it at once, no graceful shutdown", default: false },
 } as const satisfies ArgsDef;
 
 export const createArgs = {
@@ -98,13 +56,9 @@ export const createArgs = {
   cpus: { type: "string", description: "Virtual CPUs (default 1)", valueHint: "n" },
   "init-script": {
     type: "string",
-    description: "Script the VM runs at its first boot",
+    description: "Script the VM runs at its first boot (at most 64 KiB)",
     valueHint: "file",
   },
-} as const satisfies ArgsDef;
-
-export const killArg = {
-  kill: { type: "boolean", description: "Kill it at once, no graceful shutdown", default: false },
 } as const satisfies ArgsDef;
 
 export const agentArgs = {
@@ -154,3 +108,77 @@ export const agentArgs = {
     valueHint: "ms",
   },
 } as const satisfies ArgsDef;
+
+export type ConnectionFlags = { "amqp-url"?: string; "amqp-ca"?: string };
+export type ClientFlags = ConnectionFlags & { timeout?: string; json?: boolean };
+
+export const resolveAmqpUrl = (flag: string | undefined, env = process.env): string => {
+  if (flag) return flag;
+  if (env.AETHERSCALE_AMQP_URL) return env.AETHERSCALE_AMQP_URL;
+  if (env.RABBITMQ_HOST) return `amqp://${env.RABBITMQ_HOST}`;
+  return "amqp://localhost";
+};
+
+export const resolveCaFile = (flag: string | undefined, env = process.env): string | undefined =>
+  flag || env.AETHERSCALE_AMQP_CA || undefined;
+
+const DECIMAL = /^[+-]?\d+(\.\d+)?$/;
+
+/**
+ * A flag's text as a number, or a usage error naming the flag. Whether the
+ * number is acceptable is for the schema the request is checked against: a
+ * fraction or a negative goes through, so that its message is the schema's.
+ */
+export const numberArg = (name: string, value: string): number => {
+  const text = value.trim();
+  if (!DECIMAL.test(text)) {
+    throw new UsageError(`--${name} must be a number, not "${text.slice(0, 40)}"`);
+  }
+  return Number(text);
+};
+
+/**
+ * A whole number within a range, for the agent's own settings (--max-vms and
+ * the like): they configure this process and are no part of the protocol.
+ */
+export const integerArg = (
+  name: string,
+  value: string,
+  range: { min: number; max: number },
+): number => {
+  const text = value.trim();
+  const number = /^-?\d+$/.test(text) ? Number(text) : Number.NaN;
+  if (!Number.isSafeInteger(number) || number < range.min || number > range.max) {
+    throw new UsageError(
+      `--${name} must be a whole number from ${range.min} to ${range.max}, not "${text.slice(0, 40)}"`,
+    );
+  }
+  return number;
+};
+
+/** A positive number of seconds, possibly fractional, as milliseconds. */
+export const secondsArg = (name: string, value: string): number => {
+  const text = value.trim();
+  const seconds = /^\d+(\.\d+)?$/.test(text) ? Number(text) : Number.NaN;
+  if (!(seconds > 0 && seconds <= 86_400)) {
+    throw new UsageError(
+      `--${name} must be a number of seconds above 0 (at most a day), not "${text.slice(0, 40)}"`,
+    );
+  }
+  return Math.round(seconds * 1000);
+};
+
+/** Reads are quick; changes may wait for a guest to power down (the agent's --stop-timeout). */
+export const DEFAULT_TIMEOUT_S = { read: 10, change: 90 } as const;
+
+export type ClientSettings = { url: string; caFile: string | undefined; timeoutMs: number };
+
+export const clientSettingsFrom = (
+  flags: ClientFlags,
+  kind: keyof typeof DEFAULT_TIMEOUT_S,
+  env = process.env,
+): ClientSettings => ({
+  url: resolveAmqpUrl(flags["amqp-url"], env),
+  caFile: resolveCaFile(flags["amqp-ca"], env),
+  timeoutMs: secondsArg("timeout", flags.timeout ?? String(DEFAULT_TIMEOUT_S[kind])),
+});

@@ -1,17 +1,45 @@
-// Turning replies into what the user sees: a JSON array (the tutorial's shape)
-// or tables and lines on stdout, errors on stderr, and the exit code.
+// Turning an outcome into what the user sees: a JSON array (the tutorial's
+// shape) or tables and lines on stdout, errors on stderr, and the exit code.
+// `report` is pure, so every rendering is testable without a process.
 import { AetherError } from "../errors.ts";
-import type { Reply } from "../protocol/messages.ts";
-import type { Outcome } from "../routing/requests.ts";
+import type { Outcome } from "../fleet.ts";
+import { type CommandName, CREATE_COMMAND, Reasons, type Response } from "../protocol/messages.ts";
 
-/** Some replies were errors or missing; they have been printed already. */
-export class RepliesFailed extends AetherError {
-  readonly reported = true;
+/** The exit codes README "Output and exit codes" promises. */
+export const EXIT = {
+  ok: 0,
+  /** An error reply, a VM no host holds, or a broker that cannot be reached. */
+  failed: 1,
+  /** Bad arguments. */
+  usage: 2,
+  /** A live host did not answer in time. */
+  noAnswer: 3,
+} as const;
+
+/** The outcome has been printed; only its exit code is left for main. */
+export class Reported extends AetherError {
+  constructor(exitCode: number) {
+    super(`exit code ${exitCode}`, { exitCode });
+  }
 }
 
-export type Success = { host: string; response: unknown };
+export type Success<C extends CommandName> = { host: string; response: Response<C> };
+/** The human view of the successful replies; null prints nothing. */
+export type View<C extends CommandName> = (successes: Success<C>[]) => string | null;
 
-const hostOf = (reply: Reply): string => reply["execution-info"].host ?? "";
+export type ReportOptions<C extends CommandName> = {
+  json: boolean;
+  timeoutMs: number;
+  view: View<C>;
+  /**
+   * For a command sent to one host (a VM command, a create): what to say when
+   * it did not answer, e.g. "the host of VM x did not answer". Absent for a
+   * broadcast, whose missing hosts are counted and, when known, named.
+   */
+  noAnswer?: string;
+};
+
+export type Rendered = { stdout: string; stderr: string; exitCode: number };
 
 export const table = (headers: string[], rows: string[][]): string => {
   const widths = headers.map((header, column) =>
@@ -25,82 +53,122 @@ export const table = (headers: string[], rows: string[][]): string => {
   return [line(headers), ...rows.map(line)].join("\n");
 };
 
-/**
- * Prints an outcome. `render` turns the successful replies into human output;
- * with `json` the raw replies are printed as one array instead.
- */
-export const report = (
-  outcome: Outcome,
-  options: {
-    json: boolean;
-    timeoutMs: number;
-    render: (successes: Success[]) => string | null;
-  },
-): void => {
-  const { replies } = outcome;
-  const successes: Success[] = [];
-  const errors: Reply[] = [];
-  for (const reply of replies) {
-    const info = reply["execution-info"];
-    if (info.status === "success")
-      successes.push({ host: hostOf(reply), response: reply.response });
-    else errors.push(reply);
+const lines = (parts: string[]): string => parts.map((part) => `${part}\n`).join("");
+
+const seconds = (ms: number): string => `${Number((ms / 1000).toFixed(1))} s`;
+
+// The broker returned the message: for a VM command no host holds that VM;
+// for a create, no agent has ever bound the competing queue on this vhost.
+const unroutedReason = (command: CommandName): string =>
+  command === CREATE_COMMAND
+    ? "No aetherscale agent received the create-vm: none is connected to this broker and vhost"
+    : Reasons.vmDoesNotExist;
+
+const missingLines = <C extends CommandName>(
+  outcome: Outcome<C>,
+  options: ReportOptions<C>,
+): string[] => {
+  const within = `within ${seconds(options.timeoutMs)}`;
+  if (options.noAnswer !== undefined) {
+    return [
+      `error: ${options.noAnswer} ${within}`,
+      "It may be frozen or overloaded; a change it was asked for may still be made: check with `aetherscale vm list`.",
+    ];
   }
-  if (options.json) {
-    process.stdout.write(`${JSON.stringify(replies, null, 2)}\n`);
-  } else {
-    const text = successes.length > 0 ? options.render(successes) : null;
-    if (text) process.stdout.write(`${text}\n`);
-    for (const reply of errors) {
-      const info = reply["execution-info"];
-      const reason = info.status === "error" ? info.reason : "";
-      const host = hostOf(reply);
-      process.stderr.write(`error: ${reason}${host ? ` (host ${host})` : ""}\n`);
+  const answered = [...new Set(outcome.replies.map((reply) => reply.host).filter(Boolean))].sort();
+  const named =
+    outcome.silent.length > 0
+      ? `: ${outcome.silent.join(", ")}`
+      : answered.length > 0
+        ? ` (answered: ${answered.join(", ")})`
+        : "";
+  return [
+    `warning: ${outcome.missing} of ${outcome.expected} hosts did not answer ${within}${named}`,
+  ];
+};
+
+/**
+ * What to print for an outcome, and the exit code. With `json`, stdout is the
+ * array of the replies hosts really sent; what that array cannot show (a VM no
+ * host holds, a reply that was no valid one, a host that did not answer) goes
+ * to stderr either way.
+ */
+export const report = <C extends CommandName>(
+  outcome: Outcome<C>,
+  options: ReportOptions<C>,
+): Rendered => {
+  const stdout: string[] = [];
+  const stderr: string[] = [];
+  const successes: Success<C>[] = [];
+  let failed = outcome.unrouted;
+  for (const reply of outcome.replies) {
+    if (reply.ok) {
+      successes.push({ host: reply.host, response: reply.response });
+      continue;
+    }
+    failed = true;
+    if (!options.json || reply.raw === null) {
+      stderr.push(`error: ${reply.reason}${reply.host ? ` (host ${reply.host})` : ""}`);
     }
   }
-  if (outcome.missing > 0) {
-    const answered = [...new Set(replies.map(hostOf).filter(Boolean))].sort();
-    const silent = outcome.silent ?? [];
-    const named =
-      silent.length > 0
-        ? `: ${silent.join(", ")}`
-        : answered.length > 0
-          ? ` (answered: ${answered.join(", ")})`
-          : "";
-    process.stderr.write(
-      `warning: ${outcome.missing} of ${outcome.expected} hosts did not answer within ${options.timeoutMs / 1000} s${named}\n`,
+  if (options.json) {
+    stdout.push(
+      JSON.stringify(
+        outcome.replies.flatMap((reply) => reply.raw ?? []),
+        null,
+        2,
+      ),
     );
+  } else if (successes.length > 0) {
+    const text = options.view(successes);
+    if (text) stdout.push(text);
   }
-  if (errors.length > 0) throw new RepliesFailed(`${errors.length} error reply(ies)`);
-  if (outcome.missing > 0) {
-    throw new RepliesFailed(`${outcome.missing} host(s) did not answer`, { exitCode: 3 });
-  }
+  if (outcome.unrouted) stderr.push(`error: ${unroutedReason(outcome.command)}`);
+  if (outcome.missing > 0) stderr.push(...missingLines(outcome, options));
+  return {
+    stdout: lines(stdout),
+    stderr: lines(stderr),
+    exitCode: failed ? EXIT.failed : outcome.missing > 0 ? EXIT.noAnswer : EXIT.ok,
+  };
+};
+
+type Sink = { write(text: string): unknown };
+
+/** Prints what `report` made; anything but success ends the run with its exit code. */
+export const emit = (rendered: Rendered, io: { stdout: Sink; stderr: Sink } = process): void => {
+  if (rendered.stdout) io.stdout.write(rendered.stdout);
+  if (rendered.stderr) io.stderr.write(rendered.stderr);
+  if (rendered.exitCode !== EXIT.ok) throw new Reported(rendered.exitCode);
 };
 
 /**
  * Says on stderr what the user is waiting for once a request takes more than a
  * moment: a line that counts up on a terminal, an occasional line in a log.
  */
-export const withFeedback = async <T>(what: string, work: Promise<T>): Promise<T> => {
-  const tty = process.stderr.isTTY === true;
+export const withFeedback = async <T>(
+  what: string,
+  work: Promise<T>,
+  stream: { write(text: string): unknown; isTTY?: boolean } = process.stderr,
+): Promise<T> => {
+  const tty = stream.isTTY === true;
   const started = Date.now();
   let shown = false;
+  let timer: ReturnType<typeof setInterval> | undefined;
   const tick = () => {
-    const seconds = Math.round((Date.now() - started) / 1000);
-    if (tty) process.stderr.write(`\r… waiting for ${what} (${seconds} s)`);
-    else process.stderr.write(`… still waiting for ${what} (${seconds} s)\n`);
+    const elapsed = Math.round((Date.now() - started) / 1000);
+    if (tty) stream.write(`\r… waiting for ${what} (${elapsed} s)`);
+    else stream.write(`… still waiting for ${what} (${elapsed} s)\n`);
     shown = true;
   };
   const first = setTimeout(() => {
     tick();
     timer = setInterval(tick, tty ? 1000 : 15_000);
   }, 2000);
-  let timer: ReturnType<typeof setInterval> | undefined;
   try {
     return await work;
   } finally {
     clearTimeout(first);
     clearInterval(timer);
-    if (shown && tty) process.stderr.write("\r\u001b[2K");
+    if (shown && tty) stream.write("\r\u001b[2K");
   }
 };

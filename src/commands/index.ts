@@ -1,27 +1,38 @@
-// The one registry of sub-commands; each is loaded only when it runs.
-import type { CommandDef } from "citty";
+// The one registry of sub-commands. Each is loaded only when it runs, so
+// `vm list` never loads the hypervisor (usage loads them all for their
+// descriptions, and so does citty's search for an alias of an unknown name).
+//
+// The tables have no prototype: citty finds a sub-command with `name in
+// table` and calls what it finds, so on a plain object `hasOwnProperty` or
+// `toString` would be "found" and called. Here they are unknown commands.
+import { defineCommand, type SubCommandsDef } from "citty";
 
-type Loader = () => Promise<CommandDef>;
-// citty's CommandDef is generic over each command's own args.
-const load = (module: Promise<{ default: unknown }>): Promise<CommandDef> =>
-  module.then((m) => m.default as CommandDef);
+type TutorialName = keyof typeof import("./tutorial.ts")["default"];
 
-export const commands: Record<string, Loader> = {
-  agent: () => load(import("./agent.ts")),
-  vm: () => load(import("./vm.ts")),
-  hosts: () => load(import("./hosts.ts")),
-  "create-vm": () => load(import("./create-vm.ts")),
-  "list-vms": () => load(import("./list-vms.ts")),
-  "start-vm": () => load(import("./start-vm.ts")),
-  "stop-vm": () => load(import("./stop-vm.ts")),
-  "delete-vm": () => load(import("./delete-vm.ts")),
-};
+const table = (entries: SubCommandsDef): SubCommandsDef =>
+  Object.assign(Object.create(null) as SubCommandsDef, entries);
 
-export const vmCommands: Record<string, Loader> = {
-  create: () => load(import("./vm-create.ts")),
-  list: () => load(import("./vm-list.ts")),
-  info: () => load(import("./vm-info.ts")),
-  start: () => load(import("./vm-start.ts")),
-  stop: () => load(import("./vm-stop.ts")),
-  delete: () => load(import("./vm-delete.ts")),
-};
+const tutorial = (name: TutorialName) => () => import("./tutorial.ts").then((m) => m.default[name]);
+
+const vm = defineCommand({
+  meta: { name: "vm", description: "Create, list, inspect, start, stop and delete VMs" },
+  subCommands: table({
+    create: () => import("./vm/create.ts").then((m) => m.default),
+    list: () => import("./vm/list.ts").then((m) => m.default),
+    info: () => import("./vm/info.ts").then((m) => m.default),
+    start: () => import("./vm/start.ts").then((m) => m.default),
+    stop: () => import("./vm/stop.ts").then((m) => m.default),
+    delete: () => import("./vm/delete.ts").then((m) => m.default),
+  }),
+});
+
+export const commands: SubCommandsDef = table({
+  agent: () => import("./agent.ts").then((m) => m.default),
+  vm,
+  hosts: () => import("./hosts.ts").then((m) => m.default),
+  "create-vm": tutorial("create-vm"),
+  "list-vms": tutorial("list-vms"),
+  "start-vm": tutorial("start-vm"),
+  "stop-vm": tutorial("stop-vm"),
+  "delete-vm": tutorial("delete-vm"),
+});

@@ -1,7 +1,8 @@
 // Parsing what arrives on the wire: the tutorial's shapes pass, everything
 // else becomes one clear reason.
 import { describe, expect, test } from "bun:test";
-import { parseRequest } from "../../src/protocol/messages.ts";
+import { parseReply } from "../../src/protocol/envelope.ts";
+import { checkResponse, MAX_INIT_SCRIPT_BYTES, parseRequest } from "../../src/protocol/messages.ts";
 
 const parse = (value: unknown) =>
   parseRequest(Buffer.from(typeof value === "string" ? value : JSON.stringify(value)));
@@ -100,5 +101,48 @@ describe("parseRequest", () => {
     });
     expect(result.ok).toBe(false);
     expect(performance.now() - started).toBeLessThan(5000);
+  });
+});
+
+describe("limits are counted as the wire counts them", () => {
+  const create = (script: string) =>
+    parse({ command: "create-vm", options: { image: "base", "init-script": script } });
+
+  test("an init script of exactly 64 KiB passes", () => {
+    expect(create("x".repeat(MAX_INIT_SCRIPT_BYTES)).ok).toBe(true);
+  });
+
+  test("an init script of 40,000 characters but 120,000 bytes is refused", () => {
+    const result = create("€".repeat(40_000));
+    expect(result.ok).toBe(false);
+    if (!result.ok) expect(result.reason).toContain("init-script must be at most 64 KiB");
+  });
+});
+
+describe("replies", () => {
+  test("a reply's envelope is checked, and says what is wrong", () => {
+    expect(parseReply(Buffer.from("nope")).ok).toBe(false);
+    const bad = parseReply(Buffer.from(JSON.stringify({ "execution-info": { status: "maybe" } })));
+    expect(bad.ok).toBe(false);
+    const good = parseReply(
+      Buffer.from(
+        JSON.stringify({ "execution-info": { status: "error", reason: "x", host: "h" } }),
+      ),
+    );
+    expect(good.ok && good.reply["execution-info"]).toEqual({
+      status: "error",
+      reason: "x",
+      host: "h",
+    });
+  });
+
+  test("a response is checked against its command's schema", () => {
+    expect(checkResponse("create-vm", { status: "starting", "vm-id": "abcdefgh" }).ok).toBe(true);
+    const wrongId = checkResponse("create-vm", { status: "starting", "vm-id": "../x" });
+    expect(wrongId.ok).toBe(false);
+    if (!wrongId.ok) expect(wrongId.reason).toContain("vm-id");
+    expect(checkResponse("list-vms", { not: "a list" }).ok).toBe(false);
+    expect(checkResponse("list-vms", []).ok).toBe(true);
+    expect(checkResponse("vm-info", { "vm-id": "abcdefgh" }).ok).toBe(false);
   });
 });

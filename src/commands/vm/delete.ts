@@ -1,9 +1,9 @@
 import { defineCommand } from "citty";
-import { vmCommand } from "../cli/actions.ts";
-import { clientArgs, vmIdArg } from "../cli/args.ts";
+import { changeVm } from "../../cli/actions.ts";
+import { clientArgs, vmIdArg } from "../../cli/args.ts";
 
 export default defineCommand({
   meta: { name: "delete", description: "Delete a VM, its disk and its files" },
   args: { ...clientArgs, ...vmIdArg },
-  run: ({ args }) => vmCommand("delete-vm", args, args.id, args.json),
+  run: ({ args }) => changeVm("delete-vm", args.id, args, args.json),
 });

@@ -1,6 +1,6 @@
 import { defineCommand } from "citty";
-import { createVm } from "../cli/actions.ts";
-import { createArgs } from "../cli/args.ts";
+import { createVm } from "../../cli/actions.ts";
+import { createArgs } from "../../cli/args.ts";
 
 export default defineCommand({
   meta: { name: "create", description: "Create a VM on a host that has the image and room" },

@@ -1,0 +1,92 @@
+// One host's agent: its hypervisor wired to the routing consumer through the
+// protocol adapter, stopped cleanly on SIGINT/SIGTERM (no new messages,
+// in-flight ones finished, VMs left running).
+import { messageOf } from "../_utils.ts";
+import { HypervisorError } from "../errors.ts";
+import type { VmDriver } from "../hypervisor/driver.ts";
+import { FakeDriver } from "../hypervisor/drivers/fake.ts";
+import { Host } from "../hypervisor/host.ts";
+import { logger } from "../log.ts";
+import { AgentConsumer } from "../routing/consumer.ts";
+import { VERSION } from "../version.ts";
+import { agentTopology, HostHandler } from "./handler.ts";
+
+const log = logger.withTag("agent");
+
+/** Everything an agent needs, checked and with defaults filled in by its command. */
+export type AgentConfig = {
+  hostId: string;
+  stateDir: string;
+  imagesDir: string;
+  /** Most VMs (running or stopped) this host keeps; null for no limit. */
+  maxVms: number | null;
+  /** Most MiB of memory its VMs reserve; null for no limit. */
+  maxMemory: number | null;
+  driver: "qemu" | "fake";
+  /** With the fake driver: how long a simulated VM takes to boot. */
+  fakeBootMs: number;
+  stopTimeoutMs: number;
+  url: string;
+  caFile: string | undefined;
+};
+
+const makeDriver = async (config: AgentConfig): Promise<VmDriver> => {
+  if (config.driver === "fake") return new FakeDriver({ bootMs: config.fakeBootMs });
+  // Loaded only here: a client run never pays for the QEMU driver.
+  const { QemuDriver } = await import("../hypervisor/drivers/qemu.ts");
+  const driver = new QemuDriver();
+  const probe = await driver.probe().catch((error: unknown) => {
+    throw new HypervisorError(`QEMU is not usable on this host: ${messageOf(error)}`, {
+      hint: "Install it with `bash scripts/install-qemu.sh` (apt-get install qemu-system-x86 qemu-utils), or run with --driver fake.",
+    });
+  });
+  log.info(`${probe.version}; ${probe.kvmUsable ? "KVM" : "no usable /dev/kvm: TCG (slower)"}`);
+  return driver;
+};
+
+const waitForSignal = (): Promise<string> =>
+  new Promise((resolveSignal) => {
+    const on = (signal: NodeJS.Signals) => {
+      process.off("SIGINT", on);
+      process.off("SIGTERM", on);
+      resolveSignal(signal);
+    };
+    process.on("SIGINT", on);
+    process.on("SIGTERM", on);
+  });
+
+/** Runs the agent until SIGINT or SIGTERM. */
+export const runAgent = async (config: AgentConfig): Promise<void> => {
+  const { hostId } = config;
+  const signal = waitForSignal();
+  const driver = await makeDriver(config);
+  const host = await Host.open({
+    hostId,
+    stateDir: config.stateDir,
+    imagesDir: config.imagesDir,
+    maxVms: config.maxVms,
+    maxMemory: config.maxMemory,
+    driver,
+    stopTimeoutMs: config.stopTimeoutMs,
+    version: VERSION,
+  });
+  log.info(
+    `host ${hostId}: driver ${driver.name}, state ${config.stateDir}, images ${config.imagesDir}, ${host.vmIds().length} VM(s)`,
+  );
+  const consumer = new AgentConsumer({
+    url: config.url,
+    topology: agentTopology(hostId),
+    caFile: config.caFile,
+    handler: new HostHandler(host),
+  });
+  try {
+    await Promise.race([consumer.start(), signal]);
+    log.ready(`agent ${hostId} is ready (aetherscale ${VERSION})`);
+    const received = await signal;
+    log.info(`${received}: finishing in-flight requests; VMs keep running`);
+  } finally {
+    await consumer.stop();
+    await host.close();
+  }
+  log.success(`agent ${hostId} stopped`);
+};

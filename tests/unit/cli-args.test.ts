@@ -1,0 +1,212 @@
+// The command line's own parsing: numbers and timeouts from flags, unknown
+// flags, and requests checked against the protocol's schemas before sending.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { ArgsDef } from "citty";
+import {
+  agentArgs,
+  clientArgs,
+  clientSettingsFrom,
+  createArgs,
+  integerArg,
+  killArg,
+  numberArg,
+  resolveAmqpUrl,
+  secondsArg,
+  vmIdArg,
+} from "../../src/cli/args.ts";
+import { createRequest, readInitScript, vmRequest } from "../../src/cli/requests.ts";
+import { checkFlags } from "../../src/cli/run.ts";
+import { UsageError } from "../../src/errors.ts";
+import { MAX_INIT_SCRIPT_BYTES } from "../../src/protocol/messages.ts";
+
+/** The message of the UsageError `work` throws. */
+const usageError = async (work: () => unknown): Promise<string> => {
+  try {
+    await work();
+  } catch (error) {
+    expect(error).toBeInstanceOf(UsageError);
+    return (error as Error).message;
+  }
+  throw new Error("expected a usage error");
+};
+
+let dir: string;
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), "aetherscale-cli-args-"));
+});
+afterAll(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe("numbers from flags", () => {
+  test("a number's text becomes the number, whatever its range", () => {
+    expect(numberArg("memory", "512")).toBe(512);
+    expect(numberArg("memory", " 1.5 ")).toBe(1.5);
+    expect(numberArg("cpus", "-3")).toBe(-3);
+  });
+
+  test("anything else is a usage error naming the flag", async () => {
+    for (const text of ["abc", "", "12abc", "0x10", "1e3", "Infinity"]) {
+      expect(await usageError(() => numberArg("memory", text))).toStartWith(
+        "--memory must be a number",
+      );
+    }
+  });
+
+  test("the agent's own settings keep their ranges", async () => {
+    expect(integerArg("max-vms", "0", { min: 0, max: 10 })).toBe(0);
+    expect(await usageError(() => integerArg("max-vms", "11", { min: 0, max: 10 }))).toBe(
+      '--max-vms must be a whole number from 0 to 10, not "11"',
+    );
+    expect(await usageError(() => integerArg("max-vms", "2.5", { min: 0, max: 10 }))).toContain(
+      "--max-vms",
+    );
+  });
+
+  test("seconds: positive, fractions allowed, at most a day", async () => {
+    expect(secondsArg("timeout", "2")).toBe(2000);
+    expect(secondsArg("timeout", "0.25")).toBe(250);
+    for (const text of ["0", "-1", "soon", "86401", ""]) {
+      expect(await usageError(() => secondsArg("timeout", text))).toStartWith(
+        "--timeout must be a number of seconds",
+      );
+    }
+  });
+
+  test("default timeouts: 10 s for reads, 90 s for changes", () => {
+    const env = {};
+    expect(clientSettingsFrom({}, "read", env).timeoutMs).toBe(10_000);
+    expect(clientSettingsFrom({}, "change", env).timeoutMs).toBe(90_000);
+    expect(clientSettingsFrom({ timeout: "3" }, "change", env).timeoutMs).toBe(3000);
+  });
+
+  test("the broker URL: flag, then AETHERSCALE_AMQP_URL, then RABBITMQ_HOST, then localhost", () => {
+    expect(resolveAmqpUrl("amqp://a", { AETHERSCALE_AMQP_URL: "amqp://b" })).toBe("amqp://a");
+    expect(resolveAmqpUrl(undefined, { AETHERSCALE_AMQP_URL: "amqp://b" })).toBe("amqp://b");
+    expect(resolveAmqpUrl(undefined, { RABBITMQ_HOST: "rabbit" })).toBe("amqp://rabbit");
+    expect(resolveAmqpUrl(undefined, {})).toBe("amqp://localhost");
+  });
+});
+
+describe("flags citty would silently ignore", () => {
+  const list = clientArgs satisfies ArgsDef;
+  const stop = { ...clientArgs, ...vmIdArg, ...killArg } satisfies ArgsDef;
+
+  test("known flags, values and positionals pass", () => {
+    checkFlags(list, ["--json", "--timeout", "5", "--amqp-url=amqp://x"], false);
+    checkFlags(stop, ["abcdefgh", "--kill", "--no-json"], false);
+    checkFlags(createArgs, ["--image", "base", "--memory", "-5"], false);
+    checkFlags(agentArgs, ["--driver", "fake", "--max-vms", "3"], false);
+  });
+
+  const refused: Array<[string, ArgsDef, string[], string]> = [
+    ["a typo", list, ["--tiemout", "5"], "Unknown option --tiemout"],
+    ["a typo with =", list, ["--tiemout=5"], "Unknown option --tiemout"],
+    ["an Object.prototype name", list, ["--constructor"], "Unknown option --constructor"],
+    ["a short flag nobody declared", list, ["-j"], "Unknown option -j"],
+    ["a positional spelled as a flag", stop, ["--id", "abcdefgh"], "Unknown option --id"],
+    ["negating a flag that takes a value", list, ["--no-timeout"], "Unknown option --no-timeout"],
+    ["a value flag at the end", list, ["--timeout"], "Option --timeout needs a value"],
+    ["a value flag before a flag", list, ["--timeout", "--json"], "Option --timeout needs a value"],
+    ["an argument too many", stop, ["abcdefgh", "extra"], 'Unexpected argument "extra"'],
+    ["an argument where none is taken", list, ["now"], 'Unexpected argument "now"'],
+  ];
+  for (const [what, args, rawArgs, message] of refused) {
+    test(what, async () => {
+      expect(await usageError(() => checkFlags(args, rawArgs, false))).toBe(message);
+    });
+  }
+
+  test("a command with sub-commands owns only the flags before the sub-command's name", async () => {
+    checkFlags({}, ["vm", "list", "--json"], true);
+    expect(await usageError(() => checkFlags({}, ["--json", "vm", "list"], true))).toBe(
+      "Unknown option --json",
+    );
+  });
+});
+
+describe("requests are checked against the protocol's schemas", () => {
+  const create = (flags: Partial<Parameters<typeof createRequest>[0]>) =>
+    createRequest({ image: "base", ...flags });
+
+  test("a valid create-vm is sent as given, defaults left to the agent", async () => {
+    expect(await create({ memory: "512", cpus: "2" })).toEqual({
+      command: "create-vm",
+      options: { image: "base", memory: 512, cpus: 2 },
+    });
+    expect(await create({})).toEqual({ command: "create-vm", options: { image: "base" } });
+  });
+
+  const hostile: Array<[string, Partial<Parameters<typeof createRequest>[0]>, string]> = [
+    ["an image that leaves the directory", { image: "../x" }, "image must be"],
+    ["an image with a slash", { image: "a/b" }, "image must be"],
+    ["an empty image name", { image: "" }, "image must be"],
+    ["too little memory", { memory: "5" }, "memory must be at least 16 MiB"],
+    ["too much memory", { memory: "99999999" }, "memory must be at most"],
+    ["a fraction of a MiB", { memory: "300.5" }, "memory must be a whole number"],
+    ["no CPUs", { cpus: "0" }, "cpus must be at least 1"],
+    ["memory that is no number", { memory: "abc" }, '--memory must be a number, not "abc"'],
+  ];
+  for (const [what, flags, message] of hostile) {
+    test(what, async () => {
+      expect(await usageError(() => create(flags))).toContain(message);
+    });
+  }
+
+  test("the init script's limit is counted in bytes, not characters", async () => {
+    // 40 000 characters of two bytes each: under 64 Ki characters, over 64 KiB.
+    const wide = join(dir, "wide.sh");
+    await writeFile(wide, "é".repeat(40_000));
+    expect(await usageError(() => create({ "init-script": wide }))).toContain(
+      "init-script must be at most 64 KiB",
+    );
+    const exact = join(dir, "exact.sh");
+    await writeFile(exact, "a".repeat(MAX_INIT_SCRIPT_BYTES));
+    const request = await create({ "init-script": exact });
+    expect(request.options["init-script"]).toHaveLength(MAX_INIT_SCRIPT_BYTES);
+  });
+
+  test("an endless init script is read only past the limit, then refused", async () => {
+    expect((await readInitScript("/dev/zero")).length).toBeGreaterThan(MAX_INIT_SCRIPT_BYTES);
+    expect(await usageError(() => create({ "init-script": "/dev/zero" }))).toContain(
+      "init-script must be at most 64 KiB",
+    );
+  });
+
+  test("an init script that is missing or not UTF-8 is named", async () => {
+    expect(await usageError(() => readInitScript(join(dir, "missing.sh")))).toStartWith(
+      `Cannot read the init script ${join(dir, "missing.sh")}`,
+    );
+    const binary = join(dir, "binary.sh");
+    await writeFile(binary, Buffer.from([0x23, 0x21, 0xff, 0xfe, 0x0a]));
+    expect(await usageError(() => readInitScript(binary))).toBe(
+      `The init script ${binary} is not UTF-8 text`,
+    );
+  });
+
+  test("a VM id must be 8 lowercase letters", async () => {
+    expect(vmRequest("vm-info", "abcdefgh")).toEqual({
+      command: "vm-info",
+      options: { "vm-id": "abcdefgh" },
+    });
+    for (const id of ["NOT-AN-ID", "abcdefg", "abcdefghi", "ABCDEFGH", "../../x", ""]) {
+      expect(await usageError(() => vmRequest("start-vm", id))).toContain(
+        "vm-id must be 8 lowercase letters",
+      );
+    }
+  });
+
+  test("stop-vm carries kill only when asked", () => {
+    expect(vmRequest("stop-vm", "abcdefgh", { kill: true }).options).toEqual({
+      "vm-id": "abcdefgh",
+      kill: true,
+    });
+    expect(vmRequest("stop-vm", "abcdefgh").options).toEqual({ "vm-id": "abcdefgh" });
+    expect(vmRequest("delete-vm", "abcdefgh", { kill: true }).options).toEqual({
+      "vm-id": "abcdefgh",
+    });
+  });
+});
