@@ -1,7 +1,6 @@
 // The seam between a host's VM bookkeeping (host.ts, shared by every driver)
 // and the thing that actually runs a VM (a QEMU process, or a simulation).
-
-export type Accelerator = "kvm" | "tcg" | "fake";
+import type { Accelerator } from "../protocol/messages.ts";
 
 export type VmSpec = {
   id: string;

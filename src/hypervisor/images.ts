@@ -1,12 +1,15 @@
 // Base images live in one directory as `<name>.qcow2`. A name is checked
-// against the pattern before it touches the file system, and the file it
-// resolves to must stay inside that directory (no symlink escapes).
+// against the protocol's image-name schema before it touches the file system,
+// and the file it resolves to must stay inside that directory (no symlink
+// escapes).
 import { readdir, realpath, stat } from "node:fs/promises";
 import { join, sep } from "node:path";
+import * as v from "valibot";
 import { CommandError, DeclineError } from "../errors.ts";
-import { IMAGE_NAME_PATTERN, Reasons } from "../protocol/messages.ts";
+import { describeIssues } from "../protocol/envelope.ts";
+import { ImageName, Reasons } from "../protocol/messages.ts";
 
-export const IMAGE_SUFFIX = ".qcow2";
+const IMAGE_SUFFIX = ".qcow2";
 
 export class ImageStore {
   readonly dir: string;
@@ -17,12 +20,14 @@ export class ImageStore {
 
   /** Where the image of this name would be; the name is validated first. */
   pathOf(name: string): string {
-    if (!IMAGE_NAME_PATTERN.test(name)) {
+    const checked = v.safeParse(ImageName, name);
+    if (!checked.success) {
+      // JSON-quoted: a hostile name may hold control characters or be very long.
       throw new CommandError(
-        `Invalid image name "${name.slice(0, 80)}": use 1-64 letters, digits, '.', '_' or '-'`,
+        `Invalid image name ${JSON.stringify(name.slice(0, 80))}: ${describeIssues(checked.issues)}`,
       );
     }
-    return join(this.dir, `${name}${IMAGE_SUFFIX}`);
+    return join(this.dir, `${checked.output}${IMAGE_SUFFIX}`);
   }
 
   /**
@@ -51,7 +56,7 @@ export class ImageStore {
     const names = entries
       .filter((entry) => entry.endsWith(IMAGE_SUFFIX))
       .map((entry) => entry.slice(0, -IMAGE_SUFFIX.length))
-      .filter((name) => IMAGE_NAME_PATTERN.test(name));
+      .filter((name) => v.is(ImageName, name));
     const usable = await Promise.all(
       names.map((name) =>
         this.resolve(name).then(

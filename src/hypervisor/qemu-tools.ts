@@ -4,6 +4,7 @@ import { spawn } from "node:child_process";
 import { accessSync, constants } from "node:fs";
 import { open, readFile } from "node:fs/promises";
 import * as v from "valibot";
+import { pidExists, withTimeout } from "../_utils.ts";
 import { HypervisorError } from "../errors.ts";
 
 export const DEFAULT_QEMU_BINARY = "qemu-system-x86_64";
@@ -57,32 +58,29 @@ export type ToolResult = {
 export const runTool = (
   argv: readonly [string, ...string[]],
   options: { timeoutMs?: number } = {},
-): Promise<ToolResult> =>
-  new Promise((resolve, reject) => {
-    const [program, ...args] = argv;
-    const child = spawn(program, args, { stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (chunk: string) => {
-      stdout += chunk;
-    });
-    child.stderr.setEncoding("utf8").on("data", (chunk: string) => {
-      stderr += chunk;
-    });
-    const timeoutMs = options.timeoutMs ?? 60_000;
-    const timer = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new HypervisorError(`${program} did not finish within ${timeoutMs} ms`));
-    }, timeoutMs);
+): Promise<ToolResult> => {
+  const [program, ...args] = argv;
+  const child = spawn(program, args, { stdio: ["ignore", "pipe", "pipe"] });
+  let stdout = "";
+  let stderr = "";
+  child.stdout.setEncoding("utf8").on("data", (chunk: string) => {
+    stdout += chunk;
+  });
+  child.stderr.setEncoding("utf8").on("data", (chunk: string) => {
+    stderr += chunk;
+  });
+  const finished = new Promise<ToolResult>((resolve, reject) => {
     child.on("error", (error) => {
-      clearTimeout(timer);
       reject(new HypervisorError(`Could not run ${program}: ${error.message}`, { cause: error }));
     });
-    child.on("close", (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr });
-    });
+    child.on("close", (code, signal) => resolve({ code, signal, stdout, stderr }));
   });
+  const timeoutMs = options.timeoutMs ?? 60_000;
+  return withTimeout(finished, timeoutMs, () => {
+    child.kill("SIGKILL");
+    return new HypervisorError(`${program} did not finish within ${timeoutMs} ms`);
+  });
+};
 
 /** The last lines of a program's error output, enough to say what went wrong in one message. */
 export const tailOf = (text: string, lines = 6): string =>
@@ -102,7 +100,7 @@ export const createOverlay = async (qemuImg: string, base: string, disk: string)
 };
 
 // Only the fields we use; qemu-img prints many more, which are kept.
-export const ImageInfo = v.looseObject({
+const ImageInfo = v.looseObject({
   filename: v.string(),
   format: v.string(),
   "virtual-size": v.number(),
@@ -152,14 +150,9 @@ export const readCmdline = async (pid: number): Promise<string[] | null> => {
   }
 };
 
-/** Whether a pid names a running (not zombie) process. */
+/** Whether a pid names a running process: one that exists and is not a zombie. */
 export const processAlive = async (pid: number): Promise<boolean> => {
-  try {
-    process.kill(pid, 0);
-  } catch (error) {
-    // EPERM: the process exists but belongs to someone else.
-    return (error as NodeJS.ErrnoException).code === "EPERM";
-  }
+  if (!pidExists(pid)) return false;
   try {
     const stat = await readFile(`/proc/${pid}/stat`, "utf8");
     // The state letter follows the command name, which is in parentheses and may itself contain ") ".

@@ -3,14 +3,15 @@
 // (matched by the `id` we send) interleaved with asynchronous events.
 import { createConnection, type Socket } from "node:net";
 import * as v from "valibot";
+import { type Deferred, deferred, messageOf, settlesWithin, withTimeout } from "../_utils.ts";
 import { HypervisorError } from "../errors.ts";
 import { logger } from "../log.ts";
 
 const log = logger.withTag("qmp");
 
-export const DEFAULT_QMP_TIMEOUT_MS = 10_000;
+const DEFAULT_QMP_TIMEOUT_MS = 10_000;
 
-export const QmpGreeting = v.object({
+const QmpGreeting = v.object({
   QMP: v.looseObject({
     version: v.looseObject({
       qemu: v.object({ major: v.number(), minor: v.number(), micro: v.number() }),
@@ -25,16 +26,14 @@ export type QmpGreeting = v.InferOutput<typeof QmpGreeting>;
 // someone else's command (or to an unparsable line) may carry anything or none.
 const ReplyId = v.optional(v.unknown());
 
-export const QmpSuccess = v.object({ return: v.unknown(), id: ReplyId });
-export type QmpSuccess = v.InferOutput<typeof QmpSuccess>;
+const QmpSuccess = v.object({ return: v.unknown(), id: ReplyId });
 
-export const QmpFailure = v.object({
+const QmpFailure = v.object({
   error: v.looseObject({ class: v.string(), desc: v.string() }),
   id: ReplyId,
 });
-export type QmpFailure = v.InferOutput<typeof QmpFailure>;
 
-export const QmpEvent = v.object({
+const QmpEvent = v.object({
   event: v.string(),
   data: v.optional(v.record(v.string(), v.unknown())),
   timestamp: v.object({ seconds: v.number(), microseconds: v.number() }),
@@ -44,11 +43,11 @@ export type QmpEvent = v.InferOutput<typeof QmpEvent>;
 const QmpServerMessage = v.union([QmpEvent, QmpSuccess, QmpFailure]);
 
 /** The reply to `query-status`. */
-export const QmpStatus = v.looseObject({ status: v.string(), running: v.boolean() });
+const QmpStatus = v.looseObject({ status: v.string(), running: v.boolean() });
 export type QmpStatus = v.InferOutput<typeof QmpStatus>;
 
 /** The reply to `query-kvm`. */
-export const QmpKvm = v.looseObject({ enabled: v.boolean(), present: v.boolean() });
+const QmpKvm = v.looseObject({ enabled: v.boolean(), present: v.boolean() });
 export type QmpKvm = v.InferOutput<typeof QmpKvm>;
 
 /** QEMU answered a command with an error (as opposed to the connection failing). */
@@ -74,12 +73,7 @@ export type QmpConnectOptions = {
   label?: string;
 };
 
-type PendingCommand = {
-  command: string;
-  resolve: (value: unknown) => void;
-  reject: (error: Error) => void;
-  timer: ReturnType<typeof setTimeout>;
-};
+type PendingCommand = { command: string; reply: Deferred<unknown> };
 
 export class QmpClient {
   readonly socketPath: string;
@@ -91,8 +85,7 @@ export class QmpClient {
   private readonly pending = new Map<string, PendingCommand>();
   private readonly eventListeners = new Set<(event: QmpEvent) => void>();
   private readonly closeListeners = new Set<(info: QmpCloseInfo) => void>();
-  private greetingWaiter: { resolve: (g: QmpGreeting) => void; reject: (e: Error) => void } | null =
-    null;
+  private greetingWaiter: Deferred<QmpGreeting> | null = null;
   private closedInfo: QmpCloseInfo | null = null;
   private closingByClient = false;
   private socketError: Error | undefined;
@@ -117,30 +110,22 @@ export class QmpClient {
     const label = options.label ?? `QMP socket ${socketPath}`;
     const socket = createConnection({ path: socketPath });
     const client = new QmpClient(socket, socketPath, label, timeoutMs);
-    const greeting = new Promise<QmpGreeting>((resolve, reject) => {
-      client.greetingWaiter = { resolve, reject };
-    });
-    // When the deadline wins the race, the greeting still rejects later as the socket is torn down.
-    greeting.catch(() => undefined);
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const deadline = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        reject(
+    const greeting = deferred<QmpGreeting>();
+    client.greetingWaiter = greeting;
+    try {
+      client.greetingValue = await withTimeout(
+        greeting.promise,
+        timeoutMs,
+        () =>
           new HypervisorError(`${label}: no QMP greeting on ${socketPath} within ${timeoutMs} ms`, {
             hint: "Another program may hold the QMP connection, or QEMU is hung",
           }),
-        );
-      }, timeoutMs);
-    });
-    try {
-      client.greetingValue = await Promise.race([greeting, deadline]);
+      );
       await client.execute("qmp_capabilities", undefined, { timeoutMs });
       return client;
     } catch (error) {
       client.socket.destroy();
       throw error;
-    } finally {
-      clearTimeout(timer);
     }
   }
 
@@ -166,19 +151,17 @@ export class QmpClient {
     }
     const id = `aetherscale-${this.nextId++}`;
     const timeoutMs = options.timeoutMs ?? this.defaultTimeoutMs;
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(id);
-        reject(
-          new HypervisorError(
-            `${this.label}: QMP command ${command} got no reply within ${timeoutMs} ms`,
-          ),
-        );
-      }, timeoutMs);
-      this.pending.set(id, { command, resolve, reject, timer });
-      const message =
-        args === undefined ? { execute: command, id } : { execute: command, arguments: args, id };
-      this.socket.write(`${JSON.stringify(message)}\n`);
+    const reply = deferred<unknown>();
+    this.pending.set(id, { command, reply });
+    const message =
+      args === undefined ? { execute: command, id } : { execute: command, arguments: args, id };
+    this.socket.write(`${JSON.stringify(message)}\n`);
+    return withTimeout(reply.promise, timeoutMs, () => {
+      // A reply that comes later matches no pending command and is ignored.
+      this.pending.delete(id);
+      return new HypervisorError(
+        `${this.label}: QMP command ${command} got no reply within ${timeoutMs} ms`,
+      );
     });
   }
 
@@ -230,9 +213,10 @@ export class QmpClient {
     const closed = new Promise<void>((resolve) => this.onClose(() => resolve()));
     this.socket.end();
     // end() waits for QEMU to close its side; QEMU always does, but never wait forever on it.
-    const forced = setTimeout(() => this.socket.destroy(), 1000);
-    await closed;
-    clearTimeout(forced);
+    if (!(await settlesWithin(1000, closed))) {
+      this.socket.destroy();
+      await closed;
+    }
   }
 
   private receive(chunk: string): void {
@@ -288,16 +272,15 @@ export class QmpClient {
       return;
     }
     this.pending.delete(id);
-    clearTimeout(pending.timer);
     if ("error" in message) {
-      pending.reject(
+      pending.reply.reject(
         new QmpCommandError(
           `${this.label}: QMP command ${pending.command} failed: ${message.error.desc}`,
           message.error.class,
         ),
       );
     } else {
-      pending.resolve(message.return);
+      pending.reply.resolve(message.return);
     }
   }
 
@@ -307,7 +290,9 @@ export class QmpClient {
       try {
         listener(event);
       } catch (error) {
-        log.error(`${this.label}: a QMP event listener failed on ${event.event}: ${String(error)}`);
+        log.error(
+          `${this.label}: a QMP event listener failed on ${event.event}: ${messageOf(error)}`,
+        );
       }
     }
   }
@@ -331,8 +316,7 @@ export class QmpClient {
     }
     for (const [id, pending] of this.pending) {
       this.pending.delete(id);
-      clearTimeout(pending.timer);
-      pending.reject(
+      pending.reply.reject(
         new HypervisorError(
           `${this.label}: QMP command ${pending.command} got no reply: ${reason}`,
         ),
@@ -342,7 +326,7 @@ export class QmpClient {
       try {
         listener(info);
       } catch (error) {
-        log.error(`${this.label}: a QMP close listener failed: ${String(error)}`);
+        log.error(`${this.label}: a QMP close listener failed: ${messageOf(error)}`);
       }
     }
     this.closeListeners.clear();

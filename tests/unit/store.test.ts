@@ -1,11 +1,12 @@
-// The state store: validated when read, atomic and grouped when written.
+// The state store: validated when read, atomic and grouped when written, and
+// a state file of an older format migrated, one of a newer format refused.
 import { afterAll, describe, expect, test } from "bun:test";
-import { readdir, readFile, stat, writeFile } from "node:fs/promises";
+import { copyFile, readdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { StoreError } from "../src/errors.ts";
-import { StateStore } from "../src/hypervisor/store.ts";
-import type { VmRecord } from "../src/protocol/messages.ts";
-import { removeAll, tempDir } from "./support/fleet.ts";
+import { StoreError } from "../../src/errors.ts";
+import { STATE_FORMAT, StateStore } from "../../src/hypervisor/store.ts";
+import type { VmRecord } from "../../src/protocol/messages.ts";
+import { removeAll, tempDir } from "../support/fleet.ts";
 
 const dirs: string[] = [];
 afterAll(() => removeAll(...dirs));
@@ -15,6 +16,13 @@ const dir = async () => {
   dirs.push(path);
   return path;
 };
+
+/** The current boot's id as the kernel tells it, or null where it does not. */
+const currentBootId = async (): Promise<string | null> =>
+  (await readFile("/proc/sys/kernel/random/boot_id", "utf8").catch(() => "")).trim() || null;
+
+/** A state file of format 1, exactly as the agents before format 2 wrote it. */
+const FORMAT_1_FIXTURE = join(import.meta.dir, "..", "fixtures", "state-format-1.json");
 
 const record = (id: string, extra: Partial<VmRecord> = {}): VmRecord => ({
   "vm-id": id,
@@ -37,13 +45,28 @@ const letters = (n: number) =>
     String.fromCharCode(97 + (Math.floor(n / 26 ** i) % 26)),
   ).join("");
 
+const openError = (path: string, host = "h1") =>
+  StateStore.open(path, host).then(
+    async (store) => {
+      await store.close();
+      throw new Error("the state store opened");
+    },
+    (error: unknown) => error,
+  );
+
 describe("state store", () => {
   test("a new host writes its empty state at once, readable only by its owner", async () => {
     const path = await dir();
     const store = await StateStore.open(path, "h1");
     const file = join(path, "state.json");
-    expect(JSON.parse(await readFile(file, "utf8"))).toEqual({ format: 1, host: "h1", vms: {} });
+    expect(JSON.parse(await readFile(file, "utf8"))).toEqual({
+      format: 2,
+      "boot-id": await currentBootId(),
+      host: "h1",
+      vms: {},
+    });
     expect((await stat(file)).mode & 0o777).toBe(0o600);
+    expect(store.previousBootId).toBeNull();
     await store.close();
   });
 
@@ -63,8 +86,25 @@ describe("state store", () => {
     const again = await StateStore.open(path, "h1");
     expect(again.size).toBe(199);
     expect(again.get(letters(7))).toBeUndefined();
+    expect(again.get(letters(8))).toEqual(record(letters(8), { "request-id": "m-8" }));
     expect(again.byRequestId("m-9")?.["vm-id"]).toBe(letters(9));
+    expect(again.byRequestId("m-7")).toBeUndefined();
     await again.close();
+  });
+
+  test("the list of VMs is the records as JSON, and follows every change", async () => {
+    const path = await dir();
+    const store = await StateStore.open(path, "h1");
+    expect(JSON.parse(store.listJson())).toEqual([]);
+    store.put(record("abcdefgh"));
+    store.put(record("bcdefghi", { status: "stopped" }));
+    expect(JSON.parse(store.listJson())).toEqual([
+      record("abcdefgh"),
+      record("bcdefghi", { status: "stopped" }),
+    ]);
+    store.remove("abcdefgh");
+    expect(JSON.parse(store.listJson())).toEqual([record("bcdefghi", { status: "stopped" })]);
+    await store.close();
   });
 
   test("an invalid record is refused and nothing changes", async () => {
@@ -78,25 +118,40 @@ describe("state store", () => {
     await store.close();
   });
 
-  const corrupt: Array<[string, string]> = [
-    ["not JSON", '{"format":1,'],
+  const corrupt: Array<[string, string, string]> = [
+    ["not JSON", '{"format":1,', "not valid JSON"],
+    ["no format number", JSON.stringify({ host: "h1", vms: {} }), "no format number"],
     [
-      "the wrong shape",
+      "a format that is not a number",
+      JSON.stringify({ format: "2", host: "h1", vms: {} }),
+      "no format number",
+    ],
+    ["format 0", JSON.stringify({ format: 0, host: "h1", vms: {} }), "no format number"],
+    ["a JSON array", "[]", "no format number"],
+    [
+      "a format-1 record of the wrong shape",
       JSON.stringify({ format: 1, host: "h1", vms: { abcdefgh: { "vm-id": "abcdefgh" } } }),
+      "does not fit format 1",
+    ],
+    [
+      "a format-2 file without its boot id",
+      JSON.stringify({ format: 2, host: "h1", vms: {} }),
+      "boot-id",
     ],
     [
       "a record filed under another id",
       JSON.stringify({ format: 1, host: "h1", vms: { zzzzzzzz: record("abcdefgh") } }),
+      'the record under "zzzzzzzz" is for VM abcdefgh',
     ],
-    ["an unknown format", JSON.stringify({ format: 2, host: "h1", vms: {} })],
   ];
-  for (const [what, text] of corrupt) {
+  for (const [what, text, reason] of corrupt) {
     test(`a state file with ${what} is refused and left alone`, async () => {
       const path = await dir();
       await writeFile(join(path, "state.json"), text);
-      const error = await StateStore.open(path, "h1").catch((e: unknown) => e);
+      const error = await openError(path);
       expect(error).toBeInstanceOf(StoreError);
       expect((error as StoreError).message).toContain("is corrupt");
+      expect((error as StoreError).message).toContain(reason);
       expect(await readFile(join(path, "state.json"), "utf8")).toBe(text);
       // The failed open released the lock: a fixed file opens.
       await writeFile(join(path, "state.json"), JSON.stringify({ format: 1, host: "h1", vms: {} }));
@@ -107,7 +162,7 @@ describe("state store", () => {
   test("a state directory of another host is refused", async () => {
     const path = await dir();
     await (await StateStore.open(path, "h1")).close();
-    const error = await StateStore.open(path, "h2").catch((e: unknown) => e);
+    const error = await openError(path, "h2");
     expect((error as StoreError).message).toContain('belongs to host "h1"');
   });
 
@@ -117,5 +172,83 @@ describe("state store", () => {
     const store = await StateStore.open(path, "h1");
     expect((await readFile(join(path, "agent.lock"), "utf8")).trim()).toBe(String(process.pid));
     await store.close();
+  });
+});
+
+describe("state file formats", () => {
+  test("this agent writes format 2", () => {
+    expect(STATE_FORMAT).toBe(2);
+  });
+
+  test("a format-1 file is migrated: every record survives, and the file becomes format 2", async () => {
+    const path = await dir();
+    const file = join(path, "state.json");
+    await copyFile(FORMAT_1_FIXTURE, file);
+    const original = JSON.parse(await readFile(FORMAT_1_FIXTURE, "utf8")) as {
+      format: number;
+      host: string;
+      vms: Record<string, VmRecord>;
+    };
+    expect(original.format).toBe(1);
+    expect(Object.keys(original.vms)).toHaveLength(4);
+
+    const store = await StateStore.open(path, "host-a");
+    // Written by a format-1 agent: which boot that was is unknown.
+    expect(store.previousBootId).toBeNull();
+    expect(store.size).toBe(4);
+    for (const [id, vm] of Object.entries(original.vms)) expect(store.get(id)).toEqual(vm);
+    expect(store.byRequestId("e3b0c442-98fc-4c14-9afb-f4c8996fb924")?.["vm-id"]).toBe("fnoyjazu");
+    expect(JSON.parse(store.listJson())).toEqual(Object.values(original.vms));
+
+    // On disk at once, before any change: format 2, this boot's id, the same records.
+    const migrated = JSON.parse(await readFile(file, "utf8"));
+    expect(migrated).toEqual({
+      format: 2,
+      "boot-id": await currentBootId(),
+      host: "host-a",
+      vms: original.vms,
+    });
+    await store.close();
+    expect((await readdir(path)).sort()).toEqual(["state.json"]);
+
+    // Opened again, it is read as it is, and remembers the boot that wrote it.
+    const text = await readFile(file, "utf8");
+    const again = await StateStore.open(path, "host-a");
+    expect(again.previousBootId).toBe(await currentBootId());
+    expect(again.all()).toEqual(Object.values(original.vms));
+    await again.close();
+    expect(await readFile(file, "utf8")).toBe(text);
+  });
+
+  test("the boot id in the file is the previous writer's; every write puts this boot's", async () => {
+    const path = await dir();
+    const file = join(path, "state.json");
+    const earlier = { format: 2, "boot-id": "a-boot-before-this-one", host: "h1", vms: {} };
+    await writeFile(file, JSON.stringify(earlier));
+    const store = await StateStore.open(path, "h1");
+    expect(store.previousBootId).toBe("a-boot-before-this-one");
+    // Opening a file of this format writes nothing.
+    expect(JSON.parse(await readFile(file, "utf8"))).toEqual(earlier);
+    store.put(record("abcdefgh"));
+    await store.flush();
+    expect(JSON.parse(await readFile(file, "utf8"))["boot-id"]).toBe(await currentBootId());
+    expect(store.previousBootId).toBe("a-boot-before-this-one");
+    await store.close();
+  });
+
+  test("a file of a newer format is refused with both versions named, and left byte for byte", async () => {
+    const path = await dir();
+    const file = join(path, "state.json");
+    const text = `{"format":${STATE_FORMAT + 1},"host":"h1","written-by":"a newer aetherscale","vms":{}}\n`;
+    await writeFile(file, text);
+    const error = await openError(path);
+    expect(error).toBeInstanceOf(StoreError);
+    const message = (error as StoreError).message;
+    expect(message).toContain(`has format ${STATE_FORMAT + 1}`);
+    expect(message).toContain(`understands formats up to ${STATE_FORMAT}`);
+    expect(message).toContain("upgrade aetherscale");
+    expect(message).not.toContain("corrupt");
+    expect(await readFile(file, "utf8")).toBe(text);
+    expect((await readdir(path)).sort()).toEqual(["state.json"]);
   });
 });

@@ -1,6 +1,8 @@
 // Simulated VMs inside the agent's own process: for fleet-scale simulation and
-// for developing without QEMU. They have no process, disk or console, and they
-// vanish with the agent, so a restarted agent finds them crashed.
+// for developing without QEMU. They have no process, disk or console. Nothing
+// is kept: every VM the host's records say is running is taken to be running,
+// so a restarted agent finds its VMs running again, as a qemu host would.
+import { sleep } from "../../_utils.ts";
 import type { RunInfo, StopOptions, VmDriver, VmSpec } from "../driver.ts";
 
 const FAKE_RUN: RunInfo = { pid: null, accelerator: "fake", disk: null, consoleLog: null };
@@ -12,33 +14,26 @@ export type FakeDriverOptions = {
 
 export class FakeDriver implements VmDriver {
   readonly name = "fake" as const;
-  private readonly running = new Set<string>();
   private readonly bootMs: number;
 
   constructor(options: FakeDriverOptions = {}) {
     this.bootMs = options.bootMs ?? 0;
   }
 
-  async create(spec: VmSpec): Promise<RunInfo> {
+  create(spec: VmSpec): Promise<RunInfo> {
     return this.start(spec);
   }
 
-  async start(spec: VmSpec): Promise<RunInfo> {
-    if (this.bootMs > 0) await new Promise((resolve) => setTimeout(resolve, this.bootMs));
-    this.running.add(spec.id);
+  async start(_spec: VmSpec): Promise<RunInfo> {
+    if (this.bootMs > 0) await sleep(this.bootMs);
     return FAKE_RUN;
   }
 
-  async stop(spec: VmSpec, _options: StopOptions): Promise<void> {
-    this.running.delete(spec.id);
-  }
+  async stop(_spec: VmSpec, _options: StopOptions): Promise<void> {}
 
-  async destroy(spec: VmSpec): Promise<void> {
-    this.running.delete(spec.id);
-  }
+  async destroy(_spec: VmSpec): Promise<void> {}
 
-  async reattach(spec: VmSpec): Promise<RunInfo | null> {
-    this.running.add(spec.id);
+  async reattach(_spec: VmSpec, _pid: number | null): Promise<RunInfo | null> {
     return FAKE_RUN;
   }
 

@@ -3,16 +3,23 @@
 // so VMs outlive the agent; the driver finds them again through their pid file
 // and QMP socket.
 import { spawn } from "node:child_process";
-import { access, chmod, mkdir, rm, writeFile } from "node:fs/promises";
-import { basename, join, resolve } from "node:path";
+import { access, chmod, mkdir, rm } from "node:fs/promises";
+import { basename, resolve } from "node:path";
+import { Deadline, KeyedLock, messageOf, pollUntil, sleep, withTimeout } from "../../_utils.ts";
 import { HypervisorError } from "../../errors.ts";
 import { logger } from "../../log.ts";
-import type { Accelerator, RunInfo, StopOptions, VmDriver, VmSpec } from "../driver.ts";
+import type { Accelerator } from "../../protocol/messages.ts";
+import type { RunInfo, StopOptions, VmDriver, VmSpec } from "../driver.ts";
 import {
-  createOverlay,
+  createDeviceFiles,
+  filesIn,
+  OPEN_NETWORK,
+  qemuArguments,
+  type VmFiles,
+} from "../qemu-devices.ts";
+import {
   DEFAULT_QEMU_BINARY,
   DEFAULT_QEMU_IMG,
-  escapeOptionValue,
   findExecutable,
   kvmUsable,
   readCmdline,
@@ -48,16 +55,6 @@ export type QemuProbe = {
   kvmUsable: boolean;
 };
 
-/** Every file a VM has, by absolute path (QEMU changes its directory to / when it daemonizes). */
-type VmFiles = {
-  dir: string;
-  disk: string;
-  pidFile: string;
-  qmpSocket: string;
-  consoleLog: string;
-  initScript: string;
-};
-
 type Attachment = {
   vmId: string;
   pid: number;
@@ -75,17 +72,8 @@ const TERM_GRACE_MS = 3000;
 const KILL_GRACE_MS = 5000;
 const EXIT_POLL_MS = 50;
 
-export const vmFiles = (spec: VmSpec): VmFiles => {
-  const dir = resolve(spec.dir);
-  return {
-    dir,
-    disk: join(dir, "disk.qcow2"),
-    pidFile: join(dir, "qemu.pid"),
-    qmpSocket: join(dir, "qmp.sock"),
-    consoleLog: join(dir, "console.log"),
-    initScript: join(dir, "init-script"),
-  };
-};
+/** Every file of the VM, by absolute path: its directory may be given relative to ours. */
+export const vmFiles = (spec: VmSpec): VmFiles => filesIn(resolve(spec.dir));
 
 const exists = async (path: string): Promise<boolean> => {
   try {
@@ -96,11 +84,6 @@ const exists = async (path: string): Promise<boolean> => {
   }
 };
 
-const sleep = (ms: number): Promise<void> => new Promise((done) => setTimeout(done, ms));
-
-const messageOf = (error: unknown): string =>
-  error instanceof Error ? error.message : String(error);
-
 /** Whether `pid` is a live QEMU of this VM: a reused pid would not have this VM's pid file on its command line. */
 const isVmProcess = async (pid: number, pidFile: string): Promise<boolean> => {
   const cmdline = await readCmdline(pid);
@@ -108,14 +91,8 @@ const isVmProcess = async (pid: number, pidFile: string): Promise<boolean> => {
 };
 
 /** Polls until the VM's process is gone (or a zombie); true when it went within the limit. */
-const waitForExit = async (pid: number, pidFile: string, timeoutMs: number): Promise<boolean> => {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    if (!(await isVmProcess(pid, pidFile))) return true;
-    if (Date.now() >= deadline) return false;
-    await sleep(EXIT_POLL_MS);
-  }
-};
+const waitForExit = (pid: number, pidFile: string, timeoutMs: number): Promise<boolean> =>
+  pollUntil(async () => !(await isVmProcess(pid, pidFile)), new Deadline(timeoutMs), EXIT_POLL_MS);
 
 const acceleratorFromCmdline = (cmdline: readonly string[]): Accelerator => {
   const index = cmdline.indexOf("-accel");
@@ -132,7 +109,8 @@ export class QemuDriver implements VmDriver {
   private readonly qemuImgOption: string;
   private resolvedPrograms: { qemuBinary: string; qemuImg: string } | null = null;
   private readonly attachments = new Map<string, Attachment>();
-  private readonly vmLocks = new Map<string, Promise<void>>();
+  /** One operation of a VM at a time, so that e.g. a stop cannot race a destroy. */
+  private readonly vmLocks = new KeyedLock();
   private exitListener: ((vmId: string) => void) | null = null;
 
   constructor(options: QemuDriverOptions = {}) {
@@ -161,7 +139,7 @@ export class QemuDriver implements VmDriver {
   }
 
   create(spec: VmSpec): Promise<RunInfo> {
-    return this.serialized(spec.id, async () => {
+    return this.vmLocks.run(spec.id, async () => {
       const files = this.checkedFiles(spec);
       const basePath = resolve(spec.basePath);
       if (!(await exists(basePath))) {
@@ -176,10 +154,7 @@ export class QemuDriver implements VmDriver {
       // mkdir's mode only applies to a directory it makes; the VM's files are nobody else's business.
       await chmod(files.dir, 0o700);
       try {
-        await createOverlay(this.programs().qemuImg, basePath, files.disk);
-        if (spec.initScript !== undefined) {
-          await writeFile(files.initScript, spec.initScript, { mode: 0o600 });
-        }
+        await createDeviceFiles({ spec, basePath, qemuImg: this.programs().qemuImg }, files);
         return await this.boot(spec, files);
       } catch (error) {
         // A VM that never ran leaves nothing behind, so the same create can be tried again.
@@ -190,7 +165,7 @@ export class QemuDriver implements VmDriver {
   }
 
   start(spec: VmSpec): Promise<RunInfo> {
-    return this.serialized(spec.id, async () => {
+    return this.vmLocks.run(spec.id, async () => {
       const files = this.checkedFiles(spec);
       const running = await this.findRunning(spec, files, null);
       if (running !== null) {
@@ -210,14 +185,14 @@ export class QemuDriver implements VmDriver {
   }
 
   stop(spec: VmSpec, options: StopOptions): Promise<void> {
-    return this.serialized(spec.id, async () => {
+    return this.vmLocks.run(spec.id, async () => {
       const files = vmFiles(spec);
       await this.terminate(spec.id, files, options);
     });
   }
 
   destroy(spec: VmSpec): Promise<void> {
-    return this.serialized(spec.id, async () => {
+    return this.vmLocks.run(spec.id, async () => {
       const files = this.checkedFiles(spec);
       await this.terminate(spec.id, files, { kill: true, timeoutMs: 0 });
       await rm(files.dir, { recursive: true, force: true }).catch((error: unknown) => {
@@ -234,7 +209,7 @@ export class QemuDriver implements VmDriver {
   }
 
   reattach(spec: VmSpec, pid: number | null): Promise<RunInfo | null> {
-    return this.serialized(spec.id, () => this.findRunning(spec, vmFiles(spec), pid));
+    return this.vmLocks.run(spec.id, () => this.findRunning(spec, vmFiles(spec), pid));
   }
 
   onUnexpectedExit(listener: (vmId: string) => void): void {
@@ -242,7 +217,7 @@ export class QemuDriver implements VmDriver {
   }
 
   async close(): Promise<void> {
-    await Promise.allSettled([...this.vmLocks.values()]);
+    await this.vmLocks.drain();
     const closing = [...this.attachments.values()].map((attachment) => this.detach(attachment));
     await Promise.allSettled(closing);
   }
@@ -264,21 +239,6 @@ export class QemuDriver implements VmDriver {
       );
     }
     return files;
-  }
-
-  /** Runs one operation of a VM at a time, so that e.g. a stop cannot race a destroy. */
-  private serialized<T>(vmId: string, task: () => Promise<T>): Promise<T> {
-    const previous = this.vmLocks.get(vmId) ?? Promise.resolve();
-    const result = previous.then(task);
-    const settled = result.then(
-      () => undefined,
-      () => undefined,
-    );
-    this.vmLocks.set(vmId, settled);
-    void settled.then(() => {
-      if (this.vmLocks.get(vmId) === settled) this.vmLocks.delete(vmId);
-    });
-    return result;
   }
 
   /**
@@ -352,60 +312,30 @@ export class QemuDriver implements VmDriver {
     }
   }
 
+  /** QEMU's arguments for one boot of this VM (bench figure 4 runs the same list by hand). */
   private qemuArguments(
     spec: VmSpec,
     files: VmFiles,
     accel: "kvm" | "tcg",
     withInitScript: boolean,
   ): string[] {
-    const value = escapeOptionValue;
-    const args = [
-      "-name",
-      `guest=${value(spec.id)},process=aetherscale-${value(spec.id)}`,
-      "-accel",
-      accel,
-      "-nodefaults",
-      "-display",
-      "none",
-      "-monitor",
-      "none",
-      "-m",
-      String(spec.memory),
-      "-smp",
-      String(spec.cpus),
-      "-drive",
-      `file=${value(files.disk)},if=virtio,format=qcow2`,
-      "-netdev",
-      "user,id=net0",
-      "-device",
-      "virtio-net-pci,netdev=net0",
-      // -chardev rather than `-qmp unix:...` and `-serial file:...`: only this form
-      // lets a comma in the state directory's path be escaped.
-      "-chardev",
-      `socket,id=qmp,path=${value(files.qmpSocket)},server=on,wait=off`,
-      "-mon",
-      "chardev=qmp,mode=control",
-      // append: the console of earlier boots stays readable after a restart.
-      "-chardev",
-      `file,id=console,path=${value(files.consoleLog)},append=on`,
-      "-serial",
-      "chardev:console",
-      "-pidfile",
-      files.pidFile,
-      "-daemonize",
-    ];
-    if (withInitScript) {
-      // fw_cfg rather than a second drive: the guest reads it from
-      // /sys/firmware/qemu_fw_cfg/by_name/opt/aetherscale/init-script/raw, and its
-      // disk numbering stays the same with or without a script.
-      args.push("-fw_cfg", `name=opt/aetherscale/init-script,file=${value(files.initScript)}`);
-    }
-    return args;
+    return qemuArguments(
+      {
+        id: spec.id,
+        memory: spec.memory,
+        cpus: spec.cpus,
+        accel,
+        network: OPEN_NETWORK,
+        initScript: withInitScript,
+      },
+      files,
+    );
   }
 
   /** Starts QEMU once with one accelerator and waits until the VM runs; leaves no process behind on failure. */
   private async launch(spec: VmSpec, files: VmFiles, accel: "kvm" | "tcg"): Promise<RunInfo> {
     const startedAt = Date.now();
+    const bootDeadline = new Deadline(this.bootTimeoutMs);
     const { qemuBinary } = this.programs();
     await rm(files.qmpSocket, { force: true });
     await rm(files.pidFile, { force: true });
@@ -438,8 +368,8 @@ export class QemuDriver implements VmDriver {
     try {
       // The directory is already 0700; this keeps the socket private even if that ever changes.
       await chmod(files.qmpSocket, 0o600);
-      qmp = await this.connectQmp(spec.id, files, pid, startedAt + this.bootTimeoutMs);
-      await this.waitRunning(spec.id, qmp, startedAt + this.bootTimeoutMs);
+      qmp = await this.connectQmp(spec.id, files, pid, bootDeadline);
+      await this.waitRunning(spec.id, qmp, bootDeadline);
       const accelerator: Accelerator = (await qmp.queryKvm()).enabled ? "kvm" : "tcg";
       const run: RunInfo = { pid, accelerator, disk: files.disk, consoleLog: files.consoleLog };
       this.attach(spec.id, files, pid, qmp, run);
@@ -461,38 +391,31 @@ export class QemuDriver implements VmDriver {
     qemuBinary: string,
     args: string[],
   ): Promise<{ code: number | null; signal: string | null; stderr: string }> {
-    return new Promise((resolveExit, reject) => {
-      // detached: the QEMU process group is not ours, so a Ctrl-C meant for the agent never reaches VMs.
-      const child = spawn(qemuBinary, args, {
-        detached: true,
-        stdio: ["ignore", "ignore", "pipe"],
-      });
-      let stderr = "";
-      child.stderr.setEncoding("utf8").on("data", (chunk: string) => {
-        stderr += chunk;
-      });
-      const timer = setTimeout(() => {
-        child.kill("SIGKILL");
-        reject(
-          new HypervisorError(
-            `QEMU did not finish starting VM ${vmId} within ${this.bootTimeoutMs} ms: ${tailOf(stderr)}`,
-          ),
-        );
-      }, this.bootTimeoutMs);
-      child.on("error", (error) => {
-        clearTimeout(timer);
-        reject(
-          new HypervisorError(`Could not run ${qemuBinary} for VM ${vmId}: ${error.message}`, {
-            hint: "Install QEMU with scripts/install-qemu.sh",
-            cause: error,
-          }),
-        );
-      });
-      child.on("close", (code, signal) => {
-        clearTimeout(timer);
-        resolveExit({ code, signal, stderr });
-      });
-      child.unref();
+    // detached: the QEMU process group is not ours, so a Ctrl-C meant for the agent never reaches VMs.
+    const child = spawn(qemuBinary, args, { detached: true, stdio: ["ignore", "ignore", "pipe"] });
+    child.unref();
+    let stderr = "";
+    child.stderr.setEncoding("utf8").on("data", (chunk: string) => {
+      stderr += chunk;
+    });
+    const exited = new Promise<{ code: number | null; signal: string | null; stderr: string }>(
+      (resolveExit, reject) => {
+        child.on("error", (error) => {
+          reject(
+            new HypervisorError(`Could not run ${qemuBinary} for VM ${vmId}: ${error.message}`, {
+              hint: "Install QEMU with scripts/install-qemu.sh",
+              cause: error,
+            }),
+          );
+        });
+        child.on("close", (code, signal) => resolveExit({ code, signal, stderr }));
+      },
+    );
+    return withTimeout(exited, this.bootTimeoutMs, () => {
+      child.kill("SIGKILL");
+      return new HypervisorError(
+        `QEMU did not finish starting VM ${vmId} within ${this.bootTimeoutMs} ms: ${tailOf(stderr)}`,
+      );
     });
   }
 
@@ -500,12 +423,12 @@ export class QemuDriver implements VmDriver {
     vmId: string,
     files: VmFiles,
     pid: number,
-    deadline: number,
+    deadline: Deadline,
   ): Promise<QmpClient> {
     for (;;) {
       try {
         return await QmpClient.connect(files.qmpSocket, {
-          timeoutMs: Math.max(1000, deadline - Date.now()),
+          timeoutMs: Math.max(1000, deadline.left),
           label: `VM ${vmId}`,
         });
       } catch (error) {
@@ -515,27 +438,30 @@ export class QemuDriver implements VmDriver {
             cause: error,
           });
         }
-        if (Date.now() >= deadline) throw error;
+        if (deadline.passed) throw error;
         await sleep(100);
       }
     }
   }
 
-  private async waitRunning(vmId: string, qmp: QmpClient, deadline: number): Promise<void> {
-    for (;;) {
-      const status = await qmp.queryStatus();
-      if (status.running) return;
-      if (["shutdown", "guest-panicked", "internal-error", "io-error"].includes(status.status)) {
-        throw new HypervisorError(
-          `VM ${vmId} stopped while booting: QEMU reports ${status.status}`,
-        );
-      }
-      if (Date.now() >= deadline) {
-        throw new HypervisorError(
-          `VM ${vmId} is not running ${this.bootTimeoutMs} ms after start: QEMU reports ${status.status}`,
-        );
-      }
-      await sleep(50);
+  private async waitRunning(vmId: string, qmp: QmpClient, deadline: Deadline): Promise<void> {
+    let status = "";
+    const running = await pollUntil(
+      async () => {
+        const reply = await qmp.queryStatus();
+        status = reply.status;
+        if (["shutdown", "guest-panicked", "internal-error", "io-error"].includes(status)) {
+          throw new HypervisorError(`VM ${vmId} stopped while booting: QEMU reports ${status}`);
+        }
+        return reply.running;
+      },
+      deadline,
+      50,
+    );
+    if (!running) {
+      throw new HypervisorError(
+        `VM ${vmId} is not running ${this.bootTimeoutMs} ms after start: QEMU reports ${status}`,
+      );
     }
   }
 
@@ -669,13 +595,12 @@ export class QemuDriver implements VmDriver {
     attachment: Attachment | undefined,
     timeoutMs: number,
   ): Promise<boolean> {
-    const powerDownDeadline = Date.now() + timeoutMs;
-    const powerDownLeft = () => Math.max(0, powerDownDeadline - Date.now());
+    const powerDown = new Deadline(timeoutMs);
     let qmp = attachment?.qmp ?? null;
     let ownConnection = false;
     if (qmp === null || qmp.closed) {
       qmp = await QmpClient.connect(files.qmpSocket, {
-        timeoutMs: Math.max(500, Math.min(3000, powerDownLeft())),
+        timeoutMs: Math.max(500, Math.min(3000, powerDown.left)),
         label: `VM ${vmId}`,
       }).catch((error: unknown) => {
         log.warn(`VM ${vmId}: no QMP connection for a graceful stop: ${messageOf(error)}`);
@@ -687,9 +612,9 @@ export class QemuDriver implements VmDriver {
     try {
       try {
         await qmp.execute("system_powerdown", undefined, {
-          timeoutMs: Math.max(500, powerDownLeft()),
+          timeoutMs: Math.max(500, powerDown.left),
         });
-        if (await waitForExit(pid, files.pidFile, powerDownLeft())) {
+        if (await waitForExit(pid, files.pidFile, powerDown.left)) {
           log.info(`VM ${vmId} powered down`);
           return true;
         }
@@ -697,10 +622,10 @@ export class QemuDriver implements VmDriver {
       } catch (error) {
         log.warn(`VM ${vmId}: system_powerdown failed: ${messageOf(error)}`);
       }
-      const quitDeadline = Date.now() + QUIT_GRACE_MS;
+      const quit = new Deadline(QUIT_GRACE_MS);
       // QEMU may exit before its reply to `quit` arrives; only the process going away counts.
       await qmp.execute("quit", undefined, { timeoutMs: QUIT_GRACE_MS }).catch(() => undefined);
-      if (await waitForExit(pid, files.pidFile, Math.max(0, quitDeadline - Date.now()))) {
+      if (await waitForExit(pid, files.pidFile, quit.left)) {
         log.info(`VM ${vmId} quit`);
         return true;
       }
