@@ -65,7 +65,7 @@ test("after the broker drops every connection and loses its topology, the agent 
   await rabbitmqctl("delete_queue", "-p", vhost.name, "computing-competing");
   await rabbitmqctl("close_all_connections", "-p", vhost.name, "test: broker going away");
   await waitFor("reconnect", () => agent.log.includes("reconnected"));
-  expect(agent.log).toContain("re-bound 3 VM route(s)");
+  expect(agent.log).toContain("re-bound 3 route(s)");
   for (const id of ids) {
     const info = await cliJson(["vm", "info", id], vhost.url);
     expect(info.replies[0]?.response).toMatchObject({ "vm-id": id, status: "running", host: "r1" });
