@@ -1,3 +1,7 @@
+import { constants } from "node:fs";
+import { open, rename } from "node:fs/promises";
+import { join } from "node:path";
+
 // Small helpers every layer shares, each written once: a second copy of a
 // deadline, a lock or a liveness check is a bug waiting to differ.
 
@@ -127,4 +131,23 @@ export const deferred = <T = void>(): Deferred<T> => {
     reject = rej;
   });
   return { promise, resolve, reject };
+};
+
+/** Writes `data` to `path` so that a crash leaves either the old or the new file, never a torn one. */
+export const writeFileAtomic = async (path: string, data: string): Promise<void> => {
+  const temporary = `${path}.${process.pid}.tmp`;
+  const file = await open(temporary, "w", 0o600);
+  try {
+    await file.writeFile(data);
+    await file.sync();
+  } finally {
+    await file.close();
+  }
+  await rename(temporary, path);
+  const directory = await open(join(path, ".."), constants.O_RDONLY);
+  try {
+    await directory.sync();
+  } finally {
+    await directory.close();
+  }
 };

@@ -5,8 +5,16 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
 import { readdir, readFile, symlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { processAlive } from "../src/hypervisor/qemu-tools.ts";
-import { Agent, cli, cliJson, ensureBuilt, removeAll, tempDir, Vhost } from "./support/fleet.ts";
+import {
+  Agent,
+  cli,
+  cliJson,
+  ensureBuilt,
+  processAlive,
+  removeAll,
+  tempDir,
+  Vhost,
+} from "./support/fleet.ts";
 import { killProcessesUnder, waitFor } from "./support/reliability.ts";
 import { tutorialSend } from "./support/tutorial-client.ts";
 

@@ -12,8 +12,16 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import { FleetClient } from "../src/fleet.ts";
-import { processAlive, readCmdline } from "../src/hypervisor/qemu-tools.ts";
-import { Agent, ensureBuilt, fakeImages, removeAll, tempDir, Vhost } from "./support/fleet.ts";
+import { readCmdline } from "../src/hypervisor/qemu-tools.ts";
+import {
+  Agent,
+  ensureBuilt,
+  fakeImages,
+  processAlive,
+  removeAll,
+  tempDir,
+  Vhost,
+} from "./support/fleet.ts";
 import { killProcessesUnder, processesUnder, readState, waitFor } from "./support/reliability.ts";
 
 const vhosts: Vhost[] = [];

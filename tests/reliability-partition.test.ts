@@ -402,7 +402,7 @@ test.skipIf(netnsProblem !== null)(
       45_000,
     );
     const reconnectMs = reconnectedAt - restoredAt;
-    expect(agent.seen("re-bound 3 VM route(s)", restoredAt)).toBeDefined();
+    expect(agent.seen("re-bound 3 route(s)", restoredAt)).toBeDefined();
 
     for (const id of ids) {
       const info = await cliJson(["vm", "info", id], url, 5);

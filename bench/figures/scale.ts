@@ -9,8 +9,9 @@
 //    write in the agent) minus the vm-info p50 of the same agent.
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
+import { writeFileAtomic } from "../../src/_utils.ts";
 import { FleetClient } from "../../src/fleet.ts";
-import { StateStore, writeFileAtomic } from "../../src/hypervisor/store.ts";
+import { STATE_FORMAT, StateStore } from "../../src/hypervisor/store.ts";
 import { successReply } from "../../src/protocol/envelope.ts";
 import { BareRequester } from "../lib/bare.ts";
 import { type Context, type Figure, pick, replyFile, requestBody } from "../lib/context.ts";
@@ -42,7 +43,8 @@ const storeTimes = async (ctx: Context, size: number, ids: string[], count: numb
   const floorDir = await tempDir(`f6-floor-${size}`);
   await mkdir(floorDir, { recursive: true });
   const tiny = JSON.stringify({
-    format: 1,
+    format: STATE_FORMAT,
+    "boot-id": null,
     host,
     vms: { [ids[0] as string]: fakeRecord(ids[0] as string, host) },
   });

@@ -6,6 +6,7 @@ import { chmod, copyFile, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { BUILD_SCRIPT, EXE, executableIsStale, ROOT } from "../../scripts/executable.ts";
+import { STATE_FORMAT } from "../../src/hypervisor/store.ts";
 import type { VmRecord } from "../../src/protocol/messages.ts";
 import { onCleanup } from "./cleanup.ts";
 import { runOnce } from "./procs.ts";
@@ -118,8 +119,12 @@ export const prepopulatedStateDir = async (host: string, ids: string[]): Promise
   const dir = await tempDir(`state-${host}`);
   const vms: Record<string, VmRecord> = {};
   for (const id of ids) vms[id] = fakeRecord(id, host);
-  await writeFile(join(dir, "state.json"), JSON.stringify({ format: 1, host, vms }), {
-    mode: 0o600,
-  });
+  await writeFile(
+    join(dir, "state.json"),
+    JSON.stringify({ format: STATE_FORMAT, "boot-id": null, host, vms }),
+    {
+      mode: 0o600,
+    },
+  );
   return dir;
 };

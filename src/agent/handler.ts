@@ -42,7 +42,7 @@ const isVmRequest = (
  * by its VM's route; a create-vm also by the route its message id claims (a
  * redelivery or a retry sent home by another host).
  */
-export const allowedRoutes = (request: ParsedRequest, messageId: string | undefined): string[] => {
+const allowedRoutes = (request: ParsedRequest, messageId: string | undefined): string[] => {
   const routes: string[] = [request.command];
   if (request.command === CREATE_COMMAND && messageId !== undefined) {
     routes.push(vmRoute(vmIdForRequest(messageId)));

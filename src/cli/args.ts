@@ -169,7 +169,7 @@ export const secondsArg = (name: string, value: string): number => {
 };
 
 /** Reads are quick; changes may wait for a guest to power down (the agent's --stop-timeout). */
-export const DEFAULT_TIMEOUT_S = { read: 10, change: 90 } as const;
+const DEFAULT_TIMEOUT_S = { read: 10, change: 90 } as const;
 
 export type ClientSettings = { url: string; caFile: string | undefined; timeoutMs: number };
 

@@ -6,7 +6,7 @@ import { mkdir, readFile } from "node:fs/promises";
 import { homedir } from "node:os";
 import { join } from "node:path";
 import * as v from "valibot";
-import { writeFileAtomic } from "../hypervisor/store.ts";
+import { writeFileAtomic } from "../_utils.ts";
 
 const KnownHosts = v.record(v.string(), v.number());
 /** Hosts not heard from for this long are forgotten. */

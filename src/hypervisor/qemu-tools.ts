@@ -4,7 +4,7 @@ import { spawn } from "node:child_process";
 import { accessSync, constants } from "node:fs";
 import { open, readFile } from "node:fs/promises";
 import * as v from "valibot";
-import { pidExists, withTimeout } from "../_utils.ts";
+import { withTimeout } from "../_utils.ts";
 import { HypervisorError } from "../errors.ts";
 
 export const DEFAULT_QEMU_BINARY = "qemu-system-x86_64";
@@ -150,20 +150,7 @@ export const readCmdline = async (pid: number): Promise<string[] | null> => {
   }
 };
 
-/** Whether a pid names a running process: one that exists and is not a zombie. */
-export const processAlive = async (pid: number): Promise<boolean> => {
-  if (!pidExists(pid)) return false;
-  try {
-    const stat = await readFile(`/proc/${pid}/stat`, "utf8");
-    // The state letter follows the command name, which is in parentheses and may itself contain ") ".
-    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
-    return state !== "Z" && state !== "X";
-  } catch {
-    return false;
-  }
-};
-
-/** Reads a pid file QEMU wrote; null when it is missing or does not hold a pid. */
+/** Whether a pid names a running process: one that exists and is not a zombie. */ /** Reads a pid file QEMU wrote; null when it is missing or does not hold a pid. */
 export const readPidFile = async (pidFile: string): Promise<number | null> => {
   try {
     const text = (await readFile(pidFile, "utf8")).trim();

@@ -1,14 +1,7 @@
-// The host's state: one JSON document in the state directory, validated when
-// read and before it is written, written atomically after every change.
-// Concurrent changes share one write (group commit), so a busy agent does not
-// pay one fsync per message. The document carries its format number: a file
-// of an older format is migrated step by step when read, then written back in
-// this agent's format at once; a newer one is refused, never overwritten.
-import { constants } from "node:fs";
-import { mkdir, open, readFile, rename, unlink } from "node:fs/promises";
+import { mkdir, open, readFile, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import * as v from "valibot";
-import { type Deferred, deferred, messageOf, pidExists } from "../_utils.ts";
+import { type Deferred, deferred, messageOf, pidExists, writeFileAtomic } from "../_utils.ts";
 import { StoreError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { describeIssues } from "../protocol/envelope.ts";
@@ -75,25 +68,6 @@ const FormatNumber = v.looseObject({
 const CORRUPT_HINT = "Restore it from a backup or move it aside; the agent will not overwrite it.";
 
 const errorCode = (error: unknown): string | undefined => (error as NodeJS.ErrnoException)?.code;
-
-/** Writes `data` to `path` so that a crash leaves either the old or the new file, never a torn one. */
-export const writeFileAtomic = async (path: string, data: string): Promise<void> => {
-  const temporary = `${path}.${process.pid}.tmp`;
-  const file = await open(temporary, "w", 0o600);
-  try {
-    await file.writeFile(data);
-    await file.sync();
-  } finally {
-    await file.close();
-  }
-  await rename(temporary, path);
-  const directory = await open(join(path, ".."), constants.O_RDONLY);
-  try {
-    await directory.sync();
-  } finally {
-    await directory.close();
-  }
-};
 
 /** The current boot's id; null where the kernel does not tell (not Linux, or /proc hidden). */
 const readBootId = async (): Promise<string | null> => {

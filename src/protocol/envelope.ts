@@ -16,7 +16,7 @@ export const RequestEnvelope = v.object({
 });
 export type RequestEnvelope = v.InferOutput<typeof RequestEnvelope>;
 
-export const ExecutionInfo = v.union([
+const ExecutionInfo = v.union([
   v.object({ status: v.literal("success"), host: v.optional(v.string()) }),
   v.object({
     status: v.literal("error"),

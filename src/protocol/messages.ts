@@ -9,7 +9,7 @@ const NAME_RULE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const NAME_RULE_TEXT =
   "1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit";
 
-export const VmId = v.pipe(
+const VmId = v.pipe(
   v.string("vm-id must be a string"),
   v.regex(/^[a-z]{8}$/, "vm-id must be 8 lowercase letters"),
 );
@@ -22,23 +22,23 @@ export const HostId = v.pipe(
   v.regex(NAME_RULE, `host id must be ${NAME_RULE_TEXT}`),
 );
 
-export const DEFAULT_MEMORY_MIB = 256;
-export const DEFAULT_CPUS = 1;
+const DEFAULT_MEMORY_MIB = 256;
+const DEFAULT_CPUS = 1;
 export const MAX_INIT_SCRIPT_BYTES = 64 * 1024;
 
-export const Memory = v.pipe(
+const Memory = v.pipe(
   v.number("memory must be a number of MiB"),
   v.integer("memory must be a whole number of MiB"),
   v.minValue(16, "memory must be at least 16 MiB"),
   v.maxValue(1024 * 1024, "memory must be at most 1 TiB (1048576 MiB)"),
 );
-export const Cpus = v.pipe(
+const Cpus = v.pipe(
   v.number("cpus must be a number"),
   v.integer("cpus must be a whole number"),
   v.minValue(1, "cpus must be at least 1"),
   v.maxValue(256, "cpus must be at most 256"),
 );
-export const InitScript = v.pipe(
+const InitScript = v.pipe(
   v.string("init-script must be a string"),
   v.maxBytes(MAX_INIT_SCRIPT_BYTES, "init-script must be at most 64 KiB"),
 );
@@ -53,8 +53,7 @@ export const CreateVmOptions = v.looseObject({
 });
 export type CreateVmOptions = v.InferOutput<typeof CreateVmOptions>;
 
-export const VmOptions = v.looseObject({ "vm-id": VmId });
-export type VmOptions = v.InferOutput<typeof VmOptions>;
+const VmOptions = v.looseObject({ "vm-id": VmId });
 
 export const StopVmOptions = v.looseObject({
   "vm-id": VmId,
@@ -62,11 +61,10 @@ export const StopVmOptions = v.looseObject({
 });
 export type StopVmOptions = v.InferOutput<typeof StopVmOptions>;
 
-export const NoOptions = v.looseObject({});
+const NoOptions = v.looseObject({});
 
-export const VM_STATUSES = ["creating", "running", "stopping", "stopped", "crashed"] as const;
-export const VmStatus = v.picklist(VM_STATUSES);
-export type VmStatus = v.InferOutput<typeof VmStatus>;
+const VM_STATUSES = ["creating", "running", "stopping", "stopped", "crashed"] as const;
+const VmStatus = v.picklist(VM_STATUSES);
 
 export const Accelerator = v.picklist(["kvm", "tcg", "fake"]);
 export type Accelerator = v.InferOutput<typeof Accelerator>;
@@ -98,7 +96,7 @@ export const VmStatusReply = v.object({
 });
 export type VmStatusReply = v.InferOutput<typeof VmStatusReply>;
 
-export const Capacity = v.object({
+const Capacity = v.object({
   "max-vms": v.nullable(v.number()),
   "max-memory": v.nullable(v.number()),
   "used-vms": v.number(),

@@ -41,7 +41,8 @@ export const parseBrokerError = (error: unknown): ParsedBrokerError => {
   if (error instanceof BrokerError) return { failure: error.failure, text: error.message };
   const message = messageOf(error);
   const code = (error as { code?: unknown } | null)?.code;
-  const brokerText = /with message "(.*)"/s.exec(message)?.[1];
+  // The broker's words, without the reply name it puts in front ("ACCESS_REFUSED - ").
+  const brokerText = /with message "(?:[A-Z_]+ - )?(.*)"/s.exec(message)?.[1];
   const text = brokerText ?? message;
   if (typeof code === "string") {
     if (SOCKET_UNREACHABLE.has(code)) return { failure: "unreachable", text };

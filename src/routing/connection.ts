@@ -6,7 +6,7 @@ import { asError, messageOf, withTimeout } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { brokerError } from "./broker-errors.ts";
 
-export const DEFAULT_HEARTBEAT_S = 10;
+const DEFAULT_HEARTBEAT_S = 10;
 
 /** The URL with its password hidden, for messages and logs. */
 export const redactUrl = (url: string): string => {
@@ -20,7 +20,7 @@ export const redactUrl = (url: string): string => {
 };
 
 /** Adds our heartbeat to a URL that names none; everything else is used as given. */
-export const withDefaults = (url: string, heartbeatS = DEFAULT_HEARTBEAT_S): string => {
+const withDefaults = (url: string, heartbeatS = DEFAULT_HEARTBEAT_S): string => {
   let parsed: URL;
   try {
     parsed = new URL(url);

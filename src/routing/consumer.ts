@@ -134,6 +134,20 @@ const CARRIED_PROPERTIES = [
 const carriedProperties = (msg: ConsumeMessage): Options.Publish =>
   Object.fromEntries(CARRIED_PROPERTIES.map((key) => [key, msg.properties[key]]));
 
+/** A broker error as the agent tells it: a refusal is the agent's user lacking a permission. */
+const agentError = (caught: unknown, where: string): BrokerError => {
+  const error = brokerError(caught, where);
+  if (error.failure !== "access-refused") return error;
+  return new BrokerError(
+    `The agent's RabbitMQ user lacks a permission at ${where}: ${parseBrokerError(caught).text}`,
+    {
+      failure: error.failure,
+      hint: "Give the agent's user the configure, write and read permissions the README lists (Least privilege).",
+      cause: caught,
+    },
+  );
+};
+
 export class AgentConsumer {
   private readonly options: AgentConsumerOptions;
   private readonly hostId: string;
@@ -195,7 +209,7 @@ export class AgentConsumer {
         if (!first) log.success(`reconnected to ${this.where}`);
         return;
       } catch (caught) {
-        const error = brokerError(caught, this.where);
+        const error = agentError(caught, this.where);
         if (first && error.fatal) throw error;
         const wait = Math.round(delay * (0.8 + Math.random() * 0.4));
         log.warn(

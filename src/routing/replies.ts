@@ -15,7 +15,7 @@ const DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to.";
  * must decode to an Erlang pid term. Random forgeries are dropped here without
  * costing a connection; well-formed ones are left to the broker.
  */
-export const plausibleReplyTo = (replyTo: string): boolean => {
+const plausibleReplyTo = (replyTo: string): boolean => {
   if (!replyTo.startsWith(DIRECT_REPLY_PREFIX)) return true;
   const [pid, key, ...rest] = replyTo.slice(DIRECT_REPLY_PREFIX.length).split(".");
   if (!pid || !key || rest.length > 0 || !/^[A-Za-z0-9+/]+={0,2}$/.test(pid)) return false;

@@ -11,9 +11,9 @@ export const COMPETING_QUEUE = "computing-competing";
 export const hostQueue = (hostId: string): string => `computing-host-${hostId}`;
 
 /** Messages wait at most this long in a host's queue, whatever the sender asked. */
-export const HOST_QUEUE_MESSAGE_TTL_MS = 60_000;
+const HOST_QUEUE_MESSAGE_TTL_MS = 60_000;
 /** A host queue nobody consumed for this long (its agent is gone) is removed by the broker. */
-export const HOST_QUEUE_EXPIRES_MS = 24 * 3600_000;
+const HOST_QUEUE_EXPIRES_MS = 24 * 3600_000;
 
 export type AgentTopology = {
   hostId: string;
@@ -23,7 +23,7 @@ export type AgentTopology = {
   hostKeys: readonly string[];
 };
 
-export const declareExchange = async (channel: Channel): Promise<void> => {
+const declareExchange = async (channel: Channel): Promise<void> => {
   await channel.assertExchange(EXCHANGE, "direct", { durable: false, autoDelete: false });
 };
 

@@ -1,4 +1,4 @@
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
@@ -214,4 +214,16 @@ export const cliJson = async (args: string[], url: string, timeout = 10) => {
 
 export const removeAll = async (...dirs: string[]): Promise<void> => {
   await Promise.all(dirs.map((dir) => rm(dir, { recursive: true, force: true })));
+};
+
+/** Whether a pid names a running process: not gone, and not a zombie waiting to be reaped. */
+export const processAlive = async (pid: number): Promise<boolean> => {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, "utf8");
+    // The state letter follows the command name, which is in parentheses and may itself contain ") ".
+    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
+    return state !== "Z" && state !== "X";
+  } catch {
+    return false;
+  }
 };
