@@ -419,6 +419,24 @@ describe("hosts that die or restart", () => {
     }
   });
 
+  test("a frozen host holding the VM: `vm info` exits 3 after the timeout, with no made-up reply", async () => {
+    const vm = (await allVms())[0];
+    if (vm === undefined) throw new Error("the tests above left no VM to ask about");
+    const owner = agents.find((agent) => agent.hostId === vm.host) as Agent;
+    process.kill(owner.pid, "SIGSTOP");
+    try {
+      const result = await cliJson(["vm", "info", vm["vm-id"]], vhost.url, 2);
+      expect(result.code).toBe(3);
+      expect(result.replies).toEqual([]);
+      expect(result.stderr).toContain(
+        `the host of VM ${vm["vm-id"]} did not answer the vm-info within 2 s`,
+      );
+      expect(result.ms).toBeLessThan(5000);
+    } finally {
+      process.kill(owner.pid, "SIGCONT");
+    }
+  });
+
   test("a killed agent drops out of the count at once", async () => {
     const h3 = agents[2] as Agent;
     await h3.kill();

@@ -104,7 +104,9 @@ const network = device({
     "-netdev",
     userNetdev("net0", vm.network),
     "-device",
-    "virtio-net-pci,netdev=net0",
+    // No option ROM: iPXE would try to boot from the network first, spinning a
+    // whole core under TCG for as long as it tries, and no guest of ours boots so.
+    "virtio-net-pci,netdev=net0,romfile=",
   ],
 });
 

@@ -34,7 +34,7 @@ describe("QEMU arguments from devices", () => {
       ...["-accel", "kvm", "-nodefaults", "-display", "none", "-monitor", "none"],
       ...["-m", "512", "-smp", "2"],
       ...["-drive", `file=${DIR}/disk.qcow2,if=virtio,format=qcow2`],
-      ...["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"],
+      ...["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile="],
       ...["-chardev", `socket,id=qmp,path=${DIR}/qmp.sock,server=on,wait=off`],
       ...["-mon", "chardev=qmp,mode=control"],
       ...["-chardev", `file,id=console,path=${DIR}/console.log,append=on`],
