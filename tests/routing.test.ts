@@ -404,6 +404,28 @@ describe("hosts that die or restart", () => {
     expect(result.stderr).toContain(`Another agent (pid ${h2.pid}) is using the state directory`);
   });
 
+  test("a second agent with a host id already connected is refused, naming the id", async () => {
+    const stateDir = await tempDir("duplicate-h2");
+    dirs.push(stateDir);
+    const result = await cli([
+      "agent",
+      "--driver",
+      "fake",
+      "--host-id",
+      "h2",
+      "--state-dir",
+      stateDir,
+      "--images-dir",
+      (agents[1] as Agent).options.imagesDir,
+      "--amqp-url",
+      vhost.url,
+    ]);
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain('Another agent with host id "h2" is already connected');
+    expect(result.stderr).toContain("--host-id");
+    expect(result.stderr).not.toContain("lacks a permission");
+  });
+
   test("a host that hangs mid-request costs the timeout, and the output says so", async () => {
     const h3 = agents[2] as Agent;
     process.kill(h3.pid, "SIGSTOP");

@@ -54,8 +54,14 @@ export const parseBrokerError = (error: unknown): ParsedBrokerError => {
   if (Number.isInteger(replyCode)) {
     const handshake = /^Handshake terminated|^Expected ConnectionOpenOk/.test(message);
     // A 403 during the handshake is the login; on a channel, a permission.
+    // RabbitMQ refuses a second exclusive consumer with 403, not 405: only its
+    // words tell that from a missing permission.
     const failure =
-      handshake && replyCode === 403 ? "login-refused" : (REPLY_CODES[replyCode] ?? "other");
+      handshake && replyCode === 403
+        ? "login-refused"
+        : replyCode === 403 && /in exclusive use/.test(text)
+          ? "resource-locked"
+          : (REPLY_CODES[replyCode] ?? "other");
     return { failure, replyCode, text };
   }
   // A vhost the user may not open: the broker closes instead of sending open-ok.

@@ -1,0 +1,122 @@
+// What the broker and amqplib report, read the one way agent and client both use.
+import { describe, expect, test } from "bun:test";
+import { BrokerError } from "../../src/errors.ts";
+import { brokerError, parseBrokerError } from "../../src/routing/broker-errors.ts";
+
+/** An error shaped as amqplib makes them: a message with the broker's words, a reply code. */
+const amqp = (message: string, code?: number | string) =>
+  Object.assign(new Error(message), code === undefined ? {} : { code });
+
+describe("parseBrokerError", () => {
+  const cases: Array<[string, Error, string]> = [
+    [
+      "a refused login, during the handshake",
+      amqp(
+        'Handshake terminated by server: 403 (ACCESS-REFUSED) with message "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN."',
+      ),
+      "login-refused",
+    ],
+    [
+      "a vhost the user may not open",
+      amqp(
+        'Handshake terminated by server: 530 (NOT-ALLOWED) with message "NOT_ALLOWED - vhost nope not found"',
+      ),
+      "vhost-refused",
+    ],
+    [
+      "a vhost refused after tune",
+      amqp("Expected ConnectionOpenOk; got <ConnectionClose channel:0>"),
+      "vhost-refused",
+    ],
+    [
+      "a permission, on a channel",
+      amqp(
+        `Operation failed: QueueDeclare; 403 (ACCESS-REFUSED) with message "ACCESS_REFUSED - access to queue 'q' in vhost 'v' refused for user 'u'"`,
+        403,
+      ),
+      "access-refused",
+    ],
+    [
+      "a second exclusive consumer (RabbitMQ says 403 here too)",
+      amqp(
+        `Channel closed by server: 403 (ACCESS-REFUSED) with message "ACCESS_REFUSED - queue 'computing-host-h1' in vhost 'v' in exclusive use"`,
+        403,
+      ),
+      "resource-locked",
+    ],
+    [
+      "a missing exchange",
+      amqp(
+        `Channel closed by server: 404 (NOT-FOUND) with message "NOT_FOUND - no exchange 'computing' in vhost 'v'"`,
+        404,
+      ),
+      "not-found",
+    ],
+    [
+      "a declaration that disagrees",
+      amqp(`Operation failed: QueueDeclare; 406 (PRECONDITION-FAILED) with message "x"`, 406),
+      "precondition-failed",
+    ],
+    [
+      "the broker shutting down",
+      amqp(`Connection closed: 320 (CONNECTION-FORCED) with message "shutdown"`, 320),
+      "connection-lost",
+    ],
+    [
+      "nobody listening",
+      amqp("connect ECONNREFUSED 127.0.0.1:5672", "ECONNREFUSED"),
+      "unreachable",
+    ],
+    ["an unknown host", amqp("getaddrinfo ENOTFOUND nohost", "ENOTFOUND"), "unreachable"],
+    ["a reset link", amqp("read ECONNRESET", "ECONNRESET"), "connection-lost"],
+    [
+      "a certificate nobody vouches for",
+      amqp("self-signed certificate in certificate chain", "SELF_SIGNED_CERT_IN_CHAIN"),
+      "tls",
+    ],
+    ["something else", amqp("a surprise"), "other"],
+  ];
+  for (const [what, error, failure] of cases) {
+    test(`${what}: ${failure}`, () => {
+      expect(parseBrokerError(error).failure).toBe(failure);
+    });
+  }
+
+  test("the broker's own words, without the reply name in front", () => {
+    const parsed = parseBrokerError(
+      amqp(
+        `Channel closed by server: 403 (ACCESS-REFUSED) with message "ACCESS_REFUSED - access to exchange 'computing' in vhost 'v' refused for user 'u'"`,
+        403,
+      ),
+    );
+    expect(parsed).toEqual({
+      failure: "access-refused",
+      replyCode: 403,
+      text: "access to exchange 'computing' in vhost 'v' refused for user 'u'",
+    });
+  });
+});
+
+describe("brokerError", () => {
+  test("names the broker without its password, and says what to check", () => {
+    const error = brokerError(
+      amqp("connect ECONNREFUSED 127.0.0.1:5672", "ECONNREFUSED"),
+      "amqp://u:***@h/v",
+    );
+    expect(error).toBeInstanceOf(BrokerError);
+    expect(error.message).toBe(
+      "Cannot reach the RabbitMQ broker at amqp://u:***@h/v: connection refused",
+    );
+    expect(error.hint).toContain("--amqp-url");
+    expect(error.fatal).toBe(false);
+  });
+
+  test("what retrying cannot cure is fatal", () => {
+    for (const message of [
+      'Handshake terminated by server: 403 (ACCESS-REFUSED) with message "ACCESS_REFUSED - Login was refused"',
+      'Handshake terminated by server: 530 (NOT-ALLOWED) with message "NOT_ALLOWED - vhost x not found"',
+    ]) {
+      expect(brokerError(amqp(message), "amqp://h").fatal).toBe(true);
+    }
+  });
+});
