@@ -43,6 +43,32 @@ const InitScript = v.pipe(
   v.maxBytes(MAX_INIT_SCRIPT_BYTES, "init-script must be at most 64 KiB"),
 );
 
+const Port = v.pipe(
+  v.number("a port must be a number"),
+  v.integer("a port must be a whole number"),
+  v.minValue(1, "a port must be from 1 to 65535"),
+  v.maxValue(65535, "a port must be from 1 to 65535"),
+);
+
+export const MAX_SSH_KEYS = 32;
+/** One OpenSSH public key line: `type base64 [comment]`, as in `~/.ssh/id_ed25519.pub`. */
+const SshKey = v.pipe(
+  v.string("an SSH key must be a string"),
+  v.maxBytes(16 * 1024, "an SSH key must be at most 16 KiB"),
+  v.regex(
+    /^(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+) [A-Za-z0-9+/]+={0,3}( [^\r\n]*)?$/,
+    "an SSH key must be one OpenSSH public key line (type, base64 key, optional comment)",
+  ),
+);
+
+/** A guest port reached from a host port; without `host`, the agent picks one from its range. */
+const Publish = v.object({ guest: Port, host: v.optional(Port) });
+export const MAX_PUBLISHED_PORTS = 16;
+
+/** A forward as a VM holds it: the host port is always known. */
+export const Forward = v.object({ host: Port, guest: Port });
+export type Forward = v.InferOutput<typeof Forward>;
+
 // Objects are loose on purpose: unknown options are ignored (the tutorial's
 // client sends `public-ip` and `vpn`), only known ones are checked.
 export const CreateVmOptions = v.looseObject({
@@ -50,6 +76,21 @@ export const CreateVmOptions = v.looseObject({
   "init-script": v.optional(InitScript),
   memory: v.optional(Memory, DEFAULT_MEMORY_MIB),
   cpus: v.optional(Cpus, DEFAULT_CPUS),
+  "ssh-keys": v.optional(
+    v.pipe(
+      v.array(SshKey, "ssh-keys must be a list of public keys"),
+      v.maxLength(MAX_SSH_KEYS, `ssh-keys must hold at most ${MAX_SSH_KEYS} keys`),
+    ),
+    [],
+  ),
+  publish: v.optional(
+    v.pipe(
+      v.array(Publish, 'publish must be a list of {"guest": port, "host"?: port}'),
+      v.maxLength(MAX_PUBLISHED_PORTS, `publish must hold at most ${MAX_PUBLISHED_PORTS} ports`),
+    ),
+    [],
+  ),
+  isolated: v.optional(v.boolean("isolated must be true or false"), false),
 });
 export type CreateVmOptions = v.InferOutput<typeof CreateVmOptions>;
 
@@ -86,8 +127,65 @@ export const VmRecord = v.object({
   /** message_id of the create-vm that made this VM, to spot redeliveries. */
   "request-id": v.optional(v.string()),
   "last-error": v.optional(v.string()),
+  /** Host ports forwarded to the guest: its SSH port (guest 22) first. */
+  forwards: v.optional(v.array(Forward)),
+  /** The guest reaches nothing but its forwards (QEMU `restrict=on`). */
+  isolated: v.optional(v.boolean()),
 });
 export type VmRecord = v.InferOutput<typeof VmRecord>;
+
+/** What the guest's own agent (qemu-guest-agent) says, asked when `vm-info` runs. */
+export const GuestInfo = v.object({
+  /** Whether the guest agent answered within a short timeout. */
+  agent: v.boolean(),
+  /** The guest's IP addresses, loopback left out; empty when its agent did not answer. */
+  ips: v.array(v.string()),
+});
+export type GuestInfo = v.InferOutput<typeof GuestInfo>;
+
+/** The full record of a VM, with where to reach it and what its guest says. */
+export const VmInfo = v.object({
+  ...VmRecord.entries,
+  /** The address its forwarded ports are reached at, as the agent advertises it. */
+  address: v.optional(v.string()),
+  guest: v.optional(GuestInfo),
+});
+export type VmInfo = v.InferOutput<typeof VmInfo>;
+
+export const DEFAULT_CONSOLE_BYTES = 64 * 1024;
+export const MAX_CONSOLE_BYTES = 1024 * 1024;
+
+const VmConsoleOptions = v.looseObject({
+  "vm-id": VmId,
+  bytes: v.optional(
+    v.pipe(
+      v.number("bytes must be a number"),
+      v.integer("bytes must be a whole number"),
+      v.minValue(1, "bytes must be at least 1"),
+      v.maxValue(MAX_CONSOLE_BYTES, "bytes must be at most 1 MiB"),
+    ),
+    DEFAULT_CONSOLE_BYTES,
+  ),
+  /** Where to start reading; without it, the last `bytes` of the log. */
+  offset: v.optional(
+    v.pipe(
+      v.number("offset must be a number"),
+      v.integer("offset must be a whole number"),
+      v.minValue(0, "offset must not be negative"),
+    ),
+  ),
+});
+export type VmConsoleOptions = v.InferOutput<typeof VmConsoleOptions>;
+
+/** A piece of the serial console log: bytes `offset` to `end` of it. */
+export const ConsoleTail = v.object({
+  "vm-id": VmId,
+  offset: v.number(),
+  end: v.number(),
+  /** Those bytes as UTF-8 text (a character cut at either end becomes U+FFFD). */
+  data: v.string(),
+});
+export type ConsoleTail = v.InferOutput<typeof ConsoleTail>;
 
 export const VmStatusReply = v.object({
   status: v.picklist(["starting", "stopped", "killed", "deleted"]),
@@ -111,6 +209,10 @@ export const HostInfo = v.object({
   "uptime-s": v.number(),
   driver: v.string(),
   images: v.array(v.string()),
+  /** What runs this host's VMs: kvm, tcg or fake (older agents do not say). */
+  accelerator: v.optional(v.string()),
+  /** The address this host's VMs are reached at. */
+  address: v.optional(v.string()),
 });
 export type HostInfo = v.InferOutput<typeof HostInfo>;
 
@@ -121,7 +223,8 @@ export const COMMAND_SCHEMAS = {
   "start-vm": { options: VmOptions, response: VmStatusReply },
   "stop-vm": { options: StopVmOptions, response: VmStatusReply },
   "delete-vm": { options: VmOptions, response: VmStatusReply },
-  "vm-info": { options: VmOptions, response: VmRecord },
+  "vm-info": { options: VmOptions, response: VmInfo },
+  "vm-console": { options: VmConsoleOptions, response: ConsoleTail },
   "list-hosts": { options: NoOptions, response: HostInfo },
 } as const;
 type Schemas = typeof COMMAND_SCHEMAS;
@@ -147,6 +250,7 @@ export const VM_COMMANDS = [
   "stop-vm",
   "delete-vm",
   "vm-info",
+  "vm-console",
 ] as const satisfies readonly CommandName[];
 /** The command every host competes for; the others every host answers (the tutorial's broadcast keys). */
 export const CREATE_COMMAND = "create-vm" as const satisfies CommandName;
