@@ -1,3 +1,4 @@
+import { mkdtempSync, rmSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -169,6 +170,17 @@ export class Agent {
 
 export type CliResult = { code: number; stdout: string; stderr: string; ms: number };
 
+let home: string | null = null;
+
+/** The HOME every CLI run of this test process gets: made once, removed at exit. */
+export const testHome = (): string => {
+  if (home !== null) return home;
+  const made = mkdtempSync(join(tmpdir(), "aetherscale-home-"));
+  process.on("exit", () => rmSync(made, { recursive: true, force: true }));
+  home = made;
+  return made;
+};
+
 export const cli = async (
   args: string[],
   options: { url?: string; env?: Record<string, string>; timeout?: number } = {},
@@ -187,7 +199,9 @@ export const cli = async (
       stderr: "pipe",
       env: {
         PATH: process.env.PATH ?? "/usr/bin:/bin",
-        HOME: process.env.HOME ?? "/root",
+        // A home of the tests' own: the CLI's caches (hosts heard from, SSH
+        // host keys) and default SSH keys are never the user's.
+        HOME: testHome(),
         ...options.env,
       },
     },
