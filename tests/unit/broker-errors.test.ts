@@ -1,6 +1,6 @@
 // What the broker and amqplib report, read the one way agent and client both use.
 import { describe, expect, test } from "bun:test";
-import { BrokerError } from "../../src/errors.ts";
+import { BrokerError, type BrokerFailure } from "../../src/errors.ts";
 import { brokerError, parseBrokerError } from "../../src/routing/broker-errors.ts";
 
 /** An error shaped as amqplib makes them: a message with the broker's words, a reply code. */
@@ -8,7 +8,7 @@ const amqp = (message: string, code?: number | string) =>
   Object.assign(new Error(message), code === undefined ? {} : { code });
 
 describe("parseBrokerError", () => {
-  const cases: Array<[string, Error, string]> = [
+  const cases: Array<[string, Error, BrokerFailure]> = [
     [
       "a refused login, during the handshake",
       amqp(
