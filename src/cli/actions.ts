@@ -1,19 +1,66 @@
 // What each client command does, for `vm <sub>`, `hosts` and the tutorial's
 // names alike: build the request (checked before anything is sent), send it
 // the way it is routed, print the outcome.
+import { UsageError } from "../errors.ts";
 import { type BroadcastCommand, type VmCommand, withFleet } from "../fleet.ts";
 import type { Request } from "../protocol/messages.ts";
-import { type ClientFlags, clientSettingsFrom } from "./args.ts";
+import {
+  type ClientFlags,
+  clientSettingsFrom,
+  DEFAULT_WAIT_TIMEOUT_S,
+  secondsArg,
+  type WaitFlags,
+} from "./args.ts";
+import { followConsole } from "./console.ts";
 import { knownHosts, rememberHosts } from "./known-hosts.ts";
-import { emit, report, type View, withFeedback } from "./output.ts";
-import { type CreateFlags, createRequest, vmRequest } from "./requests.ts";
-import { hostsTable, statusLines, vmDetails, vmTable } from "./views.ts";
+import { emit, Reported, report, type View, withFeedback } from "./output.ts";
+import { type CreateFlags, consoleRequest, createRequest, vmRequest } from "./requests.ts";
+import { DEFAULT_SSH_USER, loginTarget, runSsh, sshKnownHostsFile } from "./ssh.ts";
+import { sshKeyNote } from "./ssh-keys.ts";
+import {
+  consoleText,
+  hostsTable,
+  reachableLine,
+  statusLines,
+  vmDetails,
+  vmTable,
+} from "./views.ts";
+import { waitUntilReachable } from "./wait.ts";
 
 export type { CreateFlags } from "./requests.ts";
 
-export const createVm = async (flags: CreateFlags, json: boolean): Promise<void> => {
-  const request = await createRequest(flags);
+/** How long --wait may wait, or null without --wait; checked before anything is sent. */
+const waitMsFrom = (flags: WaitFlags): number | null => {
+  const limit = flags["wait-timeout"];
+  if (!flags.wait) {
+    if (limit !== undefined)
+      throw new UsageError("--wait-timeout is the limit of --wait: give both");
+    return null;
+  }
+  return secondsArg("wait-timeout", limit ?? String(DEFAULT_WAIT_TIMEOUT_S));
+};
+
+/**
+ * With --wait, waits until the VM is reachable and says how to log in: on
+ * stdout, or on stderr when stdout carries --json.
+ */
+const waitIfAsked = async (
+  vmId: string | undefined,
+  waitMs: number | null,
+  flags: ClientFlags,
+  json: boolean,
+): Promise<void> => {
+  if (waitMs === null || vmId === undefined) return;
+  const target = await waitUntilReachable(vmId, clientSettingsFrom(flags, "read"), waitMs);
+  (json ? process.stderr : process.stdout).write(`${reachableLine(target, DEFAULT_SSH_USER)}\n`);
+};
+
+export const createVm = async (flags: CreateFlags & WaitFlags, json: boolean): Promise<void> => {
+  const waitMs = waitMsFrom(flags);
   const settings = clientSettingsFrom(flags, "change");
+  const { request, keys } = await createRequest(flags);
+  const note = sshKeyNote(keys);
+  if (note !== null) process.stderr.write(`${note}\n`);
   const outcome = await withFeedback(
     `a host to create the VM from "${request.options.image}"`,
     withFleet(settings, (fleet) => fleet.create(request)),
@@ -26,6 +73,8 @@ export const createVm = async (flags: CreateFlags, json: boolean): Promise<void>
       noAnswer: "no host answered the create-vm",
     }),
   );
+  const created = outcome.replies[0];
+  await waitIfAsked(created?.ok ? created.response["vm-id"] : undefined, waitMs, flags, json);
 };
 
 const toVm = async <C extends VmCommand>(
@@ -34,7 +83,8 @@ const toVm = async <C extends VmCommand>(
   json: boolean,
   view: View<C>,
 ): Promise<void> => {
-  const settings = clientSettingsFrom(flags, request.command === "vm-info" ? "read" : "change");
+  const reads = request.command === "vm-info" || request.command === "vm-console";
+  const settings = clientSettingsFrom(flags, reads ? "read" : "change");
   const vmId = request.options["vm-id"];
   const outcome = await withFeedback(
     `the host of VM ${vmId} (${request.command})`,
@@ -55,11 +105,64 @@ export const vmInfo = (vmId: string, flags: ClientFlags, json: boolean): Promise
 
 /** start-vm, stop-vm (`kill`), delete-vm. */
 export const changeVm = (
-  command: Exclude<VmCommand, "vm-info">,
+  command: "start-vm" | "stop-vm" | "delete-vm",
   vmId: string,
   flags: ClientFlags & { kill?: boolean },
   json: boolean,
 ): Promise<void> => toVm(vmRequest(command, vmId, flags), flags, json, statusLines);
+
+export const startVm = async (
+  vmId: string,
+  flags: ClientFlags & WaitFlags,
+  json: boolean,
+): Promise<void> => {
+  const waitMs = waitMsFrom(flags);
+  await changeVm("start-vm", vmId, flags, json);
+  await waitIfAsked(vmId, waitMs, flags, json);
+};
+
+export const vmConsole = (
+  vmId: string,
+  flags: ClientFlags & { bytes?: string; follow?: boolean },
+  json: boolean,
+): Promise<void> => {
+  const request = consoleRequest(vmId, { bytes: flags.bytes });
+  return flags.follow
+    ? followConsole(request, clientSettingsFrom(flags, "read"), json)
+    : toVm(request, flags, json, consoleText);
+};
+
+/** Logs in with the user's `ssh`; the run's exit code is ssh's. */
+export const vmSsh = async (
+  vmId: string,
+  flags: ClientFlags & { user?: string },
+  command: string[],
+): Promise<void> => {
+  const request = vmRequest("vm-info", vmId);
+  const settings = clientSettingsFrom(flags, "read");
+  const outcome = await withFeedback(
+    `the host of VM ${vmId} (vm-info)`,
+    withFleet(settings, (fleet) => fleet.toVm(request)),
+  );
+  // Anything but an answer about the VM is said as for any command to a VM.
+  emit(
+    report(outcome, {
+      json: false,
+      timeoutMs: settings.timeoutMs,
+      view: () => null,
+      noAnswer: `the host of VM ${vmId} did not answer the vm-info`,
+    }),
+  );
+  const reply = outcome.replies[0];
+  if (!reply?.ok) return;
+  const code = await runSsh({
+    target: loginTarget(reply.response),
+    user: flags.user ?? DEFAULT_SSH_USER,
+    command,
+    knownHostsFile: sshKnownHostsFile(),
+  });
+  if (code !== 0) throw new Reported(code);
+};
 
 /** A broadcast to every host, naming the hosts this user has seen before if some stay silent. */
 const broadcast = async <C extends BroadcastCommand>(

@@ -25,7 +25,7 @@ export const clientArgs = {
   timeout: {
     type: "string",
     description:
-      "Seconds to wait for answers (default 10 for list, info and hosts; 90 for create, start, stop, delete)",
+      "Seconds to wait for answers (default 10 for list, info, hosts, ssh, console; 90 for create, start, stop, delete)",
     valueHint: "seconds",
   },
   json: { type: "boolean", description: "Print the replies as a JSON array", default: false },
@@ -44,6 +44,63 @@ export const killArg = {
   kill: { type: "boolean", description: "Kill it at once, no graceful shutdown", default: false },
 } as const satisfies ArgsDef;
 
+/** Guests boot in 30-60 s without KVM; a loaded host takes longer. */
+export const DEFAULT_WAIT_TIMEOUT_S = 300;
+
+export const waitArgs = {
+  wait: {
+    type: "boolean",
+    description:
+      "Return once the guest is reachable: its guest agent answers and SSH gives a banner",
+    default: false,
+  },
+  "wait-timeout": {
+    type: "string",
+    description: `Seconds --wait waits for the guest (default ${DEFAULT_WAIT_TIMEOUT_S})`,
+    valueHint: "seconds",
+  },
+} as const satisfies ArgsDef;
+
+/**
+ * Everything after `--`, taken whole (`vm ssh ID -- uname -a`). The runner
+ * knows this definition by identity: a command that spreads it takes any
+ * number of arguments after `--`, and none of them before.
+ */
+export const REST_ARG = {
+  type: "positional",
+  description: "A command to run instead of a login shell, after -- (vm ssh ID -- uname -a)",
+  required: false,
+} as const;
+export const restArg = { command: REST_ARG } as const satisfies ArgsDef;
+
+/** What follows the first `--`. */
+export const restOf = (rawArgs: string[]): string[] => {
+  const end = rawArgs.indexOf("--");
+  return end < 0 ? [] : rawArgs.slice(end + 1);
+};
+
+/**
+ * Every value of a repeatable flag, in order (`--ssh-key a --ssh-key=b`):
+ * citty keeps only the last. The runner has checked the raw flags already, so
+ * a token spelled like the flag is the flag, never another flag's value.
+ */
+export const repeatedValues = (rawArgs: string[], name: string): string[] => {
+  const flag = `--${name}`;
+  const values: string[] = [];
+  for (let i = 0; i < rawArgs.length; i++) {
+    const arg = rawArgs[i] ?? "";
+    if (arg === "--") break;
+    if (arg === flag) {
+      const value = rawArgs[i + 1];
+      if (value !== undefined) values.push(value);
+      i++;
+    } else if (arg.startsWith(`${flag}=`)) {
+      values.push(arg.slice(flag.length + 1));
+    }
+  }
+  return values;
+};
+
 export const createArgs = {
   ...clientArgs,
   image: {
@@ -56,8 +113,53 @@ export const createArgs = {
   cpus: { type: "string", description: "Virtual CPUs (default 1)", valueHint: "n" },
   "init-script": {
     type: "string",
-    description: "Script the VM runs at its first boot (at most 64 KiB)",
+    description: "First-boot script or #cloud-config, run once by cloud-init (at most 64 KiB)",
     valueHint: "file",
+  },
+  "ssh-key": {
+    type: "string",
+    description:
+      "File of OpenSSH public keys the VM accepts; repeatable (default ~/.ssh/id_ed25519.pub, else ~/.ssh/id_rsa.pub)",
+    valueHint: "file",
+  },
+  publish: {
+    type: "string",
+    description:
+      "Forward a host port to a guest port; repeatable (8080:80, or 80 for a port the host picks)",
+    valueHint: "[host:]guest",
+  },
+  isolated: {
+    type: "boolean",
+    description: "Keep the VM off every network but its forwarded ports",
+    default: false,
+  },
+  ...waitArgs,
+} as const satisfies ArgsDef;
+
+export const sshArgs = {
+  ...connectionArgs,
+  timeout: clientArgs.timeout,
+  ...vmIdArg,
+  user: {
+    type: "string",
+    description: "User to log in as (default debian, the demo image's cloud-init user)",
+    valueHint: "name",
+  },
+  ...restArg,
+} as const satisfies ArgsDef;
+
+export const consoleArgs = {
+  ...clientArgs,
+  ...vmIdArg,
+  follow: {
+    type: "boolean",
+    description: "Keep printing what the console writes, until Ctrl-C or the VM is deleted",
+    default: false,
+  },
+  bytes: {
+    type: "string",
+    description: "How much of the console's end to show first, in bytes (default 65536)",
+    valueHint: "n",
   },
 } as const satisfies ArgsDef;
 
@@ -107,10 +209,37 @@ export const agentArgs = {
     default: "0",
     valueHint: "ms",
   },
+  accel: {
+    type: "enum",
+    options: ["auto", "kvm", "tcg"],
+    description:
+      "What runs the guests: auto takes KVM only where it can run a real guest (kvm_intel/kvm_amd), else TCG",
+    default: "auto",
+  },
+  "port-range": {
+    type: "string",
+    description: "Host ports given to VMs' forwards (SSH and --publish)",
+    default: "22000-23999",
+    valueHint: "A-B",
+  },
+  "publish-address": {
+    type: "string",
+    description: "IPv4 address the forwarded ports listen on (0.0.0.0: every address)",
+    default: "127.0.0.1",
+    valueHint: "addr",
+  },
+  "advertise-address": {
+    type: "string",
+    description:
+      "Address clients are told to reach forwarded ports at (default: the publish address, or this host's name for 0.0.0.0)",
+    valueHint: "host",
+  },
 } as const satisfies ArgsDef;
 
 export type ConnectionFlags = { "amqp-url"?: string; "amqp-ca"?: string };
 export type ClientFlags = ConnectionFlags & { timeout?: string; json?: boolean };
+/** `--wait` and its limit, as `vm create` and `vm start` take them. */
+export type WaitFlags = { wait?: boolean; "wait-timeout"?: string };
 
 export const resolveAmqpUrl = (flag: string | undefined, env = process.env): string => {
   if (flag) return flag;

@@ -141,29 +141,55 @@ export const emit = (rendered: Rendered, io: { stdout: Sink; stderr: Sink } = pr
   if (rendered.exitCode !== EXIT.ok) throw new Reported(rendered.exitCode);
 };
 
+const FEEDBACK_TIMING = {
+  /** A wait shorter than this needs no words. */
+  afterMs: 2000,
+  /** How often the words are looked at again (and counted up on a terminal). */
+  tickMs: 1000,
+  /** In a log, an unchanged wait is said again this often. */
+  repeatMs: 15_000,
+};
+
+type Feedback = { write(text: string): unknown; isTTY?: boolean };
+
 /**
  * Says on stderr what the user is waiting for once a request takes more than a
- * moment: a line that counts up on a terminal, an occasional line in a log.
+ * moment: a line that counts up on a terminal; in a log, a line whenever what
+ * is awaited changes (`what` may be asked again each second) and an
+ * occasional one while it does not.
  */
 export const withFeedback = async <T>(
-  what: string,
+  what: string | (() => string),
   work: Promise<T>,
-  stream: { write(text: string): unknown; isTTY?: boolean } = process.stderr,
+  stream: Feedback = process.stderr,
+  timing = FEEDBACK_TIMING,
 ): Promise<T> => {
   const tty = stream.isTTY === true;
+  const describe = typeof what === "string" ? () => what : what;
   const started = Date.now();
   let shown = false;
+  let last = { text: "", at: 0 };
   let timer: ReturnType<typeof setInterval> | undefined;
   const tick = () => {
-    const elapsed = Math.round((Date.now() - started) / 1000);
-    if (tty) stream.write(`\r… waiting for ${what} (${elapsed} s)`);
-    else stream.write(`… still waiting for ${what} (${elapsed} s)\n`);
+    const now = Date.now();
+    const text = describe();
+    const elapsed = Math.round((now - started) / 1000);
+    if (tty) {
+      stream.write(`\r\u001b[2K… waiting for ${text} (${elapsed} s)`);
+    } else if (text !== last.text) {
+      stream.write(`… waiting for ${text} (${elapsed} s)\n`);
+    } else if (now - last.at >= timing.repeatMs) {
+      stream.write(`… still waiting for ${text} (${elapsed} s)\n`);
+    } else {
+      return;
+    }
+    last = { text, at: now };
     shown = true;
   };
   const first = setTimeout(() => {
     tick();
-    timer = setInterval(tick, tty ? 1000 : 15_000);
-  }, 2000);
+    timer = setInterval(tick, timing.tickMs);
+  }, timing.afterMs);
   try {
     return await work;
   } finally {

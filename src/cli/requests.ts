@@ -1,56 +1,62 @@
 // A command line turned into a request, checked against the same schema the
 // agent parses it with before anything is sent: a request the agent would
 // refuse is a usage error here, without a broker round trip.
-import { open } from "node:fs/promises";
+import { homedir } from "node:os";
 import { messageOf } from "../_utils.ts";
 import { UsageError } from "../errors.ts";
 import type { VmCommand } from "../fleet.ts";
 import {
   type CommandName,
+  type CreateVmOptions,
   checkOptions,
   MAX_INIT_SCRIPT_BYTES,
   type Request,
 } from "../protocol/messages.ts";
-import { type ClientFlags, numberArg } from "./args.ts";
+import { type ClientFlags, numberArg, repeatedValues, type WaitFlags } from "./args.ts";
+import { nameKeyInReason, type SshKeySource, sshKeysFor } from "./ssh-keys.ts";
+import { readBoundedText } from "./text-files.ts";
 
 /** The request as given, or a usage error with the schema's own words. */
-export const checked = <C extends CommandName>(command: C, request: Request<C>): Request<C> => {
+export const checked = <C extends CommandName>(
+  command: C,
+  request: Request<C>,
+  explain: (reason: string) => string = (reason) => reason,
+): Request<C> => {
   const result = checkOptions(command, request.options);
-  if (!result.ok) throw new UsageError(result.reason);
+  if (!result.ok) throw new UsageError(explain(result.reason));
   return request;
 };
 
 /**
- * The init script's text. Reading stops a little past the protocol's limit, so
- * that a huge file (or /dev/zero) is not read whole only to be refused: the
- * schema still decides, from a text that is over the limit. "A little" is one
- * byte more than the longest partial character the decoder may hold back.
+ * The init script's text, read a little past the protocol's limit: the schema
+ * still decides, from a text that is over the limit.
  */
-export const readInitScript = async (path: string): Promise<string> => {
-  const buffer = Buffer.alloc(MAX_INIT_SCRIPT_BYTES + 4);
-  let length = 0;
-  try {
-    const file = await open(path, "r");
-    try {
-      while (length < buffer.length) {
-        const { bytesRead } = await file.read(buffer, length, buffer.length - length, null);
-        if (bytesRead === 0) break;
-        length += bytesRead;
-      }
-    } finally {
-      await file.close();
-    }
-  } catch (error) {
-    throw new UsageError(`Cannot read the init script ${path}: ${messageOf(error)}`);
+export const readInitScript = (path: string): Promise<string> =>
+  readBoundedText(path, MAX_INIT_SCRIPT_BYTES, {
+    unreadable: (error) => `Cannot read the init script ${path}: ${messageOf(error)}`,
+    notText: `The init script ${path} is not UTF-8 text`,
+  });
+
+type Publish = CreateVmOptions["publish"][number];
+
+/**
+ * `--publish 8080:80` (host 8080 to guest 80) or `--publish 80` (a host port
+ * the agent picks). Only the shape is checked here; the ports' range is the
+ * schema's.
+ */
+export const parsePublish = (spec: string): Publish => {
+  const match = /^(?:(\d{1,6}):)?(\d{1,6})$/.exec(spec.trim());
+  if (match === null) {
+    throw new UsageError(
+      `--publish must be [HOST:]GUEST ports, e.g. 8080:80 or 80, not "${spec.slice(0, 40)}"`,
+      "The address ports are published on is the agent's (--publish-address).",
+    );
   }
-  try {
-    // Cut short, the text may end inside a character: that alone is no reason to refuse it.
-    return new TextDecoder("utf-8", { fatal: true }).decode(buffer.subarray(0, length), {
-      stream: length === buffer.length,
-    });
-  } catch {
-    throw new UsageError(`The init script ${path} is not UTF-8 text`);
-  }
+  const [, host, guest] = match;
+  return {
+    guest: numberArg("publish", guest ?? ""),
+    ...(host === undefined ? {} : { host: numberArg("publish", host) }),
+  };
 };
 
 export type CreateFlags = ClientFlags & {
@@ -58,23 +64,53 @@ export type CreateFlags = ClientFlags & {
   memory?: string;
   cpus?: string;
   "init-script"?: string;
+  /** Every --ssh-key given, in order. */
+  "ssh-key"?: string[];
+  /** Every --publish given, in order. */
+  publish?: string[];
+  isolated?: boolean;
 };
 
-export const createRequest = async (flags: CreateFlags): Promise<Request<"create-vm">> => {
+/** citty's parsed flags, with the repeatable ones read in full from the raw arguments. */
+export const createFlagsFrom = (
+  args: Omit<CreateFlags, "ssh-key" | "publish"> & WaitFlags,
+  rawArgs: string[],
+): CreateFlags & WaitFlags => ({
+  ...args,
+  "ssh-key": repeatedValues(rawArgs, "ssh-key"),
+  publish: repeatedValues(rawArgs, "publish"),
+});
+
+export type CreateRequest = { request: Request<"create-vm">; keys: SshKeySource };
+
+export const createRequest = async (
+  flags: CreateFlags,
+  home: string = homedir(),
+): Promise<CreateRequest> => {
   const initScript =
     flags["init-script"] === undefined ? undefined : await readInitScript(flags["init-script"]);
-  return checked("create-vm", {
-    command: "create-vm",
-    options: {
-      image: flags.image,
-      ...(flags.memory === undefined ? {} : { memory: numberArg("memory", flags.memory) }),
-      ...(flags.cpus === undefined ? {} : { cpus: numberArg("cpus", flags.cpus) }),
-      ...(initScript === undefined ? {} : { "init-script": initScript }),
+  const publish = (flags.publish ?? []).map(parsePublish);
+  const { keys, source } = await sshKeysFor(flags["ssh-key"] ?? [], home);
+  const request = checked(
+    "create-vm",
+    {
+      command: "create-vm",
+      options: {
+        image: flags.image,
+        ...(flags.memory === undefined ? {} : { memory: numberArg("memory", flags.memory) }),
+        ...(flags.cpus === undefined ? {} : { cpus: numberArg("cpus", flags.cpus) }),
+        ...(initScript === undefined ? {} : { "init-script": initScript }),
+        ...(keys.length === 0 ? {} : { "ssh-keys": keys.map((line) => line.key) }),
+        ...(publish.length === 0 ? {} : { publish }),
+        ...(flags.isolated ? { isolated: true } : {}),
+      },
     },
-  });
+    (reason) => nameKeyInReason(reason, keys),
+  );
+  return { request, keys: source };
 };
 
-export const vmRequest = <C extends VmCommand>(
+export const vmRequest = <C extends Exclude<VmCommand, "vm-console">>(
   command: C,
   vmId: string,
   flags: { kill?: boolean } = {},
@@ -84,4 +120,20 @@ export const vmRequest = <C extends VmCommand>(
     command === "stop-vm" && flags.kill ? { "vm-id": vmId, kill: true } : { "vm-id": vmId };
   // Request<C> is a union mapped over C; TypeScript cannot tie the literal to it.
   return checked(command, { command, options } as Request<C>);
+};
+
+/** A piece of the console: its last `bytes`, or from `offset` on. */
+export const consoleRequest = (
+  vmId: string,
+  piece: { bytes?: string | number; offset?: number } = {},
+): Request<"vm-console"> => {
+  const bytes = typeof piece.bytes === "string" ? numberArg("bytes", piece.bytes) : piece.bytes;
+  return checked("vm-console", {
+    command: "vm-console",
+    options: {
+      "vm-id": vmId,
+      ...(bytes === undefined ? {} : { bytes }),
+      ...(piece.offset === undefined ? {} : { offset: piece.offset }),
+    },
+  });
 };

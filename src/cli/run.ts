@@ -19,6 +19,7 @@ import {
 import { messageOf } from "../_utils.ts";
 import { AetherError, UsageError } from "../errors.ts";
 import { logger } from "../log.ts";
+import { REST_ARG } from "./args.ts";
 import { EXIT, Reported } from "./output.ts";
 
 export type Stream = { write(text: string): unknown; isTTY?: boolean };
@@ -63,13 +64,26 @@ const lookup = (args: ArgsDef, arg: string): ArgsDef[string] | undefined => {
 /**
  * citty ignores flags it does not know, and takes the next flag as the value
  * of one that needs a value: a typo must not silently change nothing. A
- * command with sub-commands owns only the flags before its sub-command's name.
+ * command with sub-commands owns only the flags before its sub-command's name;
+ * one that takes a command after `--` (REST_ARG) leaves what follows alone.
  */
 export const checkFlags = (args: ArgsDef, rawArgs: string[], group: boolean): void => {
-  const positionals = Object.values(args).filter((def) => def.type === "positional").length;
+  const rest = Object.values(args).includes(REST_ARG);
+  const named = Object.entries(args).filter(
+    ([, def]) => def.type === "positional" && def !== REST_ARG,
+  );
+  const positionals = named.length;
   let given = 0;
   for (let i = 0; i < rawArgs.length; i++) {
     const arg = rawArgs[i] ?? "";
+    if (arg === "--" && rest) {
+      // citty would hand the words after `--` to the positionals still missing.
+      const missing = named.slice(given).find(([, def]) => def.required !== false);
+      if (missing) {
+        throw new UsageError(`Missing required positional argument: ${missing[0].toUpperCase()}`);
+      }
+      return;
+    }
     if (arg === "--") {
       given += rawArgs.length - i - 1;
       break;

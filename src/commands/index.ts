@@ -15,7 +15,10 @@ const table = (entries: SubCommandsDef): SubCommandsDef =>
 const tutorial = (name: TutorialName) => () => import("./tutorial.ts").then((m) => m.default[name]);
 
 const vm = defineCommand({
-  meta: { name: "vm", description: "Create, list, inspect, start, stop and delete VMs" },
+  meta: {
+    name: "vm",
+    description: "Create, list, inspect, start, stop and delete VMs; log in, read their console",
+  },
   subCommands: table({
     create: () => import("./vm/create.ts").then((m) => m.default),
     list: () => import("./vm/list.ts").then((m) => m.default),
@@ -23,6 +26,8 @@ const vm = defineCommand({
     start: () => import("./vm/start.ts").then((m) => m.default),
     stop: () => import("./vm/stop.ts").then((m) => m.default),
     delete: () => import("./vm/delete.ts").then((m) => m.default),
+    ssh: () => import("./vm/ssh.ts").then((m) => m.default),
+    console: () => import("./vm/console.ts").then((m) => m.default),
   }),
 });
 

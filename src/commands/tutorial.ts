@@ -4,6 +4,7 @@
 import { type ArgsDef, defineCommand } from "citty";
 import { changeVm, createVm, listVms } from "../cli/actions.ts";
 import { clientArgs, createArgs, killArg, vmIdFlag } from "../cli/args.ts";
+import { createFlagsFrom } from "../cli/requests.ts";
 
 const meta = (name: string, of: string) => ({
   name,
@@ -16,7 +17,7 @@ export default {
   "create-vm": defineCommand({
     meta: meta("create-vm", "create"),
     args: createArgs,
-    run: ({ args }) => createVm(args, true),
+    run: ({ args, rawArgs }) => createVm(createFlagsFrom(args, rawArgs), true),
   }),
   "list-vms": defineCommand({
     meta: meta("list-vms", "list"),

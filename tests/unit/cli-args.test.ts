@@ -13,8 +13,11 @@ import {
   integerArg,
   killArg,
   numberArg,
+  repeatedValues,
   resolveAmqpUrl,
+  restOf,
   secondsArg,
+  sshArgs,
   vmIdArg,
 } from "../../src/cli/args.ts";
 import { createRequest, readInitScript, vmRequest } from "../../src/cli/requests.ts";
@@ -120,6 +123,49 @@ describe("flags citty would silently ignore", () => {
     });
   }
 
+  test("vm ssh: anything after --, and nothing before it but its flags and the id", async () => {
+    checkFlags(sshArgs, ["abcdefgh", "--user", "root", "--", "ls", "-la", "--bogus"], false);
+    checkFlags(sshArgs, ["abcdefgh", "--"], false);
+    checkFlags(sshArgs, ["abcdefgh"], false);
+    expect(await usageError(() => checkFlags(sshArgs, ["abcdefgh", "ls"], false))).toBe(
+      'Unexpected argument "ls"',
+    );
+    // citty would take the first word of the command for the missing id.
+    expect(await usageError(() => checkFlags(sshArgs, ["--", "abcdefgh"], false))).toBe(
+      "Missing required positional argument: ID",
+    );
+    expect(await usageError(() => checkFlags(sshArgs, ["abcdefgh", "--bogus", "--"], false))).toBe(
+      "Unknown option --bogus",
+    );
+    // Others still take nothing after --.
+    expect(await usageError(() => checkFlags(stop, ["abcdefgh", "--", "x"], false))).toBe(
+      "Unexpected arguments after --",
+    );
+    expect(restOf(["abcdefgh", "--", "ls", "--", "-v"])).toEqual(["ls", "--", "-v"]);
+    expect(restOf(["abcdefgh"])).toEqual([]);
+  });
+
+  test("every value of a repeatable flag, in order, both spellings, none after --", () => {
+    expect(
+      repeatedValues(
+        [
+          "--ssh-key",
+          "a",
+          "--image",
+          "x",
+          "--ssh-key=b",
+          "--ssh-keys",
+          "c",
+          "--",
+          "--ssh-key",
+          "d",
+        ],
+        "ssh-key",
+      ),
+    ).toEqual(["a", "b"]);
+    expect(repeatedValues(["--image", "x"], "publish")).toEqual([]);
+  });
+
   test("a command with sub-commands owns only the flags before the sub-command's name", async () => {
     checkFlags({}, ["vm", "list", "--json"], true);
     expect(await usageError(() => checkFlags({}, ["--json", "vm", "list"], true))).toBe(
@@ -129,8 +175,9 @@ describe("flags citty would silently ignore", () => {
 });
 
 describe("requests are checked against the protocol's schemas", () => {
-  const create = (flags: Partial<Parameters<typeof createRequest>[0]>) =>
-    createRequest({ image: "base", ...flags });
+  // A home without ~/.ssh: no default key joins the request.
+  const create = async (flags: Partial<Parameters<typeof createRequest>[0]>) =>
+    (await createRequest({ image: "base", ...flags }, dir)).request;
 
   test("a valid create-vm is sent as given, defaults left to the agent", async () => {
     expect(await create({ memory: "512", cpus: "2" })).toEqual({

@@ -1,8 +1,16 @@
 // What a user sees for each kind of outcome: tables and lines, the tutorial's
 // JSON array, errors on stderr, and the exit code. No process, no broker.
 import { describe, expect, test } from "bun:test";
-import { EXIT, emit, Reported, report, table } from "../../src/cli/output.ts";
-import { hostsTable, statusLines, vmDetails, vmTable } from "../../src/cli/views.ts";
+import { EXIT, emit, Reported, report, table, withFeedback } from "../../src/cli/output.ts";
+import {
+  consoleText,
+  forwardsText,
+  hostsTable,
+  reachableLine,
+  statusLines,
+  vmDetails,
+  vmTable,
+} from "../../src/cli/views.ts";
 import type { HostReply, Outcome } from "../../src/fleet.ts";
 import type { CommandName, HostInfo, Response, VmRecord } from "../../src/protocol/messages.ts";
 
@@ -64,7 +72,15 @@ const json = { json: true, timeoutMs: 10_000 };
 
 describe("vm list", () => {
   const list = outcome("list-vms", [
-    ok("h2", [record("bbbbbbbb", "h2", "2024-01-02T00:00:00.000Z")]),
+    ok("h2", [
+      {
+        ...record("bbbbbbbb", "h2", "2024-01-02T00:00:00.000Z"),
+        forwards: [
+          { host: 8080, guest: 80 },
+          { host: 22001, guest: 22 },
+        ],
+      },
+    ]),
     ok("h1", [
       record("cccccccc", "h1", "2024-01-03T00:00:00.000Z"),
       record("aaaaaaaa", "h1", "2024-01-01T10:20:30.000Z"),
@@ -77,10 +93,10 @@ describe("vm list", () => {
     expect(out.stderr).toBe("");
     expect(out.stdout).toBe(
       [
-        "VM ID     HOST  STATUS   IMAGE  MEMORY  CPUS  CREATED",
-        "aaaaaaaa  h1    running  base   2 GiB   2     2024-01-01 10:20:30",
-        "cccccccc  h1    running  base   2 GiB   2     2024-01-03 00:00:00",
-        "bbbbbbbb  h2    running  base   2 GiB   2     2024-01-02 00:00:00",
+        "VM ID     HOST  STATUS   IMAGE  MEMORY  CPUS  SSH PORT  CREATED",
+        "aaaaaaaa  h1    running  base   2 GiB   2     -         2024-01-01 10:20:30",
+        "cccccccc  h1    running  base   2 GiB   2     -         2024-01-03 00:00:00",
+        "bbbbbbbb  h2    running  base   2 GiB   2     22001     2024-01-02 00:00:00",
         "",
       ].join("\n"),
     );
@@ -205,6 +221,54 @@ describe("a command to one VM", () => {
     expect(text).toStartWith("vm-id:       abcdefgh\nhost:        h1\nstatus:      running\n");
     expect(text).toContain("memory:      2 GiB\n");
     expect(text).toContain("disk:        -\n");
+    // An agent that knows nothing of forwards or guests.
+    expect(text).toContain("forwards:    -\n");
+    expect(text).toContain("guest-agent: - (its host does not ask)\n");
+    expect(text).toContain("guest-ips:   -\n");
+  });
+
+  test("vm info of a real guest: forwards (SSH named), isolated, guest agent and IPs", () => {
+    const guest = {
+      ...record("abcdefgh", "h1", "2024-01-01T00:00:00Z"),
+      forwards: [
+        { host: 2201, guest: 22 },
+        { host: 8080, guest: 80 },
+      ],
+      isolated: true,
+      address: "127.0.0.1",
+      guest: { agent: true, ips: ["10.0.2.15", "fec0::5054:ff:fe12:3456"] },
+    };
+    const text = report(outcome("vm-info", [ok("h1", guest)]), {
+      ...human,
+      view: vmDetails,
+    }).stdout;
+    expect(text).toContain("forwards:    ssh 127.0.0.1:2201 → 22, 127.0.0.1:8080 → 80\n");
+    expect(text).toContain("isolated:    yes\n");
+    expect(text).toContain("guest-agent: answers\n");
+    expect(text).toContain("guest-ips:   10.0.2.15, fec0::5054:ff:fe12:3456\n");
+    const booting = { ...guest, isolated: false, guest: { agent: false, ips: [] } };
+    const early = report(outcome("vm-info", [ok("h1", booting)]), {
+      ...human,
+      view: vmDetails,
+    }).stdout;
+    expect(early).toContain("isolated:    no\n");
+    expect(early).toContain("guest-agent: not answering (yet)\n");
+    expect(early).toContain("guest-ips:   -\n");
+    expect(forwardsText([{ host: 2201, guest: 22 }])).toBe("ssh 2201 → 22");
+  });
+
+  test("vm console: the text as the console wrote it, one line end at the end", () => {
+    const tail = (data: string) =>
+      outcome("vm-console", [ok("h1", { "vm-id": "abcdefgh", offset: 0, end: 9, data })]);
+    expect(report(tail("a\nlogin: "), { ...human, view: consoleText }).stdout).toBe("a\nlogin: \n");
+    expect(report(tail("a\nb\n"), { ...human, view: consoleText }).stdout).toBe("a\nb\n");
+    expect(report(tail(""), { ...human, view: consoleText }).stdout).toBe("");
+  });
+
+  test("--wait's last line: how to log in, by hand and through aetherscale", () => {
+    expect(reachableLine({ vmId: "abcdefgh", address: "127.0.0.1", port: 2201 }, "debian")).toBe(
+      "VM abcdefgh is reachable: ssh -p 2201 debian@127.0.0.1 (aetherscale vm ssh abcdefgh)",
+    );
   });
 
   test("create: a broker return means no agent received it", () => {
@@ -219,13 +283,19 @@ describe("a command to one VM", () => {
 
 describe("hosts", () => {
   test("a table by host name, limits shown as used/max", () => {
-    const hosts = outcome("list-hosts", [ok("h2", hostInfo("h2")), ok("h1", hostInfo("h1"))]);
+    const h2 = { ...hostInfo("h2"), driver: "qemu", accelerator: "tcg", address: "192.0.2.7" };
+    const hosts = outcome("list-hosts", [ok("h2", h2), ok("h1", hostInfo("h1"))]);
     const lines = report(hosts, { ...human, view: hostsTable })
       .stdout.trim()
       .split("\n");
-    expect(lines[0]).toMatch(/^HOST\s+VMS\s+MEMORY\s+DRIVER\s+IMAGES\s+VERSION\s+UP$/);
-    expect(lines[1]).toMatch(/^h1\s+1\/∞\s+256 MiB\/4 GiB\s+fake\s+base,alpine\s+0\.1\.0\s+12s$/);
-    expect(lines[2]).toStartWith("h2");
+    expect(lines[0]).toMatch(
+      /^HOST\s+VMS\s+MEMORY\s+DRIVER\s+ACCEL\s+ADDRESS\s+IMAGES\s+VERSION\s+UP$/,
+    );
+    // An older agent says neither accelerator nor address.
+    expect(lines[1]).toMatch(
+      /^h1\s+1\/∞\s+256 MiB\/4 GiB\s+fake\s+-\s+-\s+base,alpine\s+0\.1\.0\s+12s$/,
+    );
+    expect(lines[2]).toMatch(/^h2\s+.*\s+qemu\s+tcg\s+192\.0\.2\.7\s+/);
   });
 });
 
@@ -264,5 +334,73 @@ describe("printing", () => {
         ],
       ),
     ).toBe("A     BB\nlong  x\ns");
+  });
+});
+
+describe("feedback while waiting", () => {
+  const timing = { afterMs: 40, tickMs: 20, repeatMs: 200 };
+  const stream = (isTTY: boolean) => {
+    const out = { text: "", isTTY, write: (text: string) => (out.text += text) };
+    return out;
+  };
+  const after = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  test("a quick answer says nothing", async () => {
+    for (const tty of [false, true]) {
+      const out = stream(tty);
+      expect(
+        await withFeedback(
+          "x",
+          after(5).then(() => 7),
+          out,
+          timing,
+        ),
+      ).toBe(7);
+      expect(out.text).toBe("");
+    }
+  });
+
+  test("in a log: a line per change of what is awaited, not one per tick", async () => {
+    const out = stream(false);
+    let what = "VM a to be created";
+    const work = (async () => {
+      await after(150);
+      what = "the guest agent of VM a to answer";
+      await after(150);
+      what = "SSH of VM a";
+      await after(150);
+    })();
+    await withFeedback(() => what, work, out, { ...timing, repeatMs: 10_000 });
+    const lines = out.text.trimEnd().split("\n");
+    expect(lines.map((line) => line.replace(/ \(\d+ s\)$/, ""))).toEqual([
+      "… waiting for VM a to be created",
+      "… waiting for the guest agent of VM a to answer",
+      "… waiting for SSH of VM a",
+    ]);
+  });
+
+  test("in a log, an unchanged wait is said again now and then", async () => {
+    const out = stream(false);
+    await withFeedback("the host", after(500), out, timing);
+    const lines = out.text.trimEnd().split("\n");
+    expect(lines[0]).toStartWith("… waiting for the host (");
+    expect(lines.length).toBeGreaterThanOrEqual(2);
+    expect(lines.length).toBeLessThanOrEqual(3);
+    expect(lines[1]).toStartWith("… still waiting for the host (");
+  });
+
+  test("on a terminal: one line, rewritten in place, erased at the end", async () => {
+    const out = stream(true);
+    let what = "one";
+    const work = (async () => {
+      await after(80);
+      what = "two";
+      await after(80);
+    })();
+    await withFeedback(() => what, work, out, timing);
+    expect(out.text).not.toContain("\n");
+    expect(out.text).toContain("\r\u001b[2K… waiting for one (0 s)");
+    expect(out.text).toContain("\r\u001b[2K… waiting for two (0 s)");
+    expect(out.text).toEndWith("\r\u001b[2K");
   });
 });

@@ -1,7 +1,10 @@
 // The command tree as a user meets it, run in-process through the same runner
 // as the executable: names that are no commands, help at every level, flags
 // that are no flags, and requests refused before any broker is contacted.
-import { describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { defineCommand } from "citty";
 import { runCli } from "../../src/cli/run.ts";
 import { commands } from "../../src/commands/index.ts";
@@ -29,7 +32,11 @@ const ROOT_NAMES = [
   "stop-vm",
   "delete-vm",
 ];
-const VM_NAMES = ["create", "list", "info", "start", "stop", "delete"];
+const VM_NAMES = ["create", "list", "info", "start", "stop", "delete", "ssh", "console"];
+// Port 1 refuses at once: a request that got as far as connecting would say so.
+const unreachable = ["--amqp-url", "amqp://127.0.0.1:1"];
+const KEY =
+  "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2deZeO9xlJptq7VOn19O6OqItYAFGDW9jQTzbNsHZ+ alice@laptop";
 const PROTOTYPE_NAMES = ["hasOwnProperty", "toString", "constructor", "__proto__", "valueOf"];
 
 describe("the registry", () => {
@@ -96,8 +103,6 @@ describe("help and version", () => {
 });
 
 describe("bad input is a usage error, exit 2, before anything is sent", () => {
-  // Port 1 refuses at once: a request that got as far as connecting would say so.
-  const unreachable = ["--amqp-url", "amqp://127.0.0.1:1"];
   const cases: Array<[string[], string]> = [
     [["vm", "list", "--tiemout", "5"], "error: Unknown option --tiemout"],
     [["vm", "list", "--timeout"], "error: Option --timeout needs a value"],
@@ -117,6 +122,36 @@ describe("bad input is a usage error, exit 2, before anything is sent", () => {
     [["start-vm", "--vm-id", "abc"], "vm-id must be 8 lowercase letters"],
     [["vm", "list", "--timeout", "soon"], "--timeout must be a number of seconds"],
     [["agent", "--driver", "xen"], "Expected one of: qemu, fake"],
+    [
+      ["vm", "create", "--image", "base", "--publish", "8080:80:1"],
+      '--publish must be [HOST:]GUEST ports, e.g. 8080:80 or 80, not "8080:80:1"',
+    ],
+    [
+      ["vm", "create", "--image", "base", "--publish", "80", "--publish", "0:80"],
+      "publish.1.host: a port must be from 1 to 65535",
+    ],
+    [["create-vm", "--image", "base", "--publish", "http"], "--publish must be [HOST:]GUEST"],
+    [
+      ["vm", "create", "--image", "base", "--ssh-key", "/nonexistent/id.pub"],
+      "Cannot read the SSH key file /nonexistent/id.pub",
+    ],
+    [
+      ["vm", "create", "--image", "base", "--wait-timeout", "5"],
+      "--wait-timeout is the limit of --wait: give both",
+    ],
+    [
+      ["vm", "create", "--image", "base", "--wait", "--wait-timeout", "0"],
+      "--wait-timeout must be a number of seconds above 0",
+    ],
+    [
+      ["vm", "start", "abcdefgh", "--wait", "--wait-timeout", "soon"],
+      "--wait-timeout must be a number of seconds",
+    ],
+    [["vm", "console", "abcdefgh", "--bytes", "0"], "bytes must be at least 1"],
+    [["vm", "console", "NOT-AN-ID", "--follow"], "vm-id must be 8 lowercase letters"],
+    [["vm", "ssh", "abcdefgh", "uname"], 'Unexpected argument "uname"'],
+    [["vm", "ssh", "--", "abcdefgh"], "Missing required positional argument: ID"],
+    [["vm", "ssh", "NOT-AN-ID", "--", "true"], "vm-id must be 8 lowercase letters"],
   ];
   for (const [args, message] of cases) {
     test(args.join(" "), async () => {
@@ -134,5 +169,46 @@ describe("bad input is a usage error, exit 2, before anything is sent", () => {
     expect(result.stderr).toStartWith(
       "error: Cannot reach the RabbitMQ broker at amqp://127.0.0.1:1",
     );
+  });
+});
+
+describe("repeated flags are all read", () => {
+  let dir: string;
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), "aetherscale-registry-"));
+  });
+  afterAll(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test("a bad --ssh-key file is found before or after a good one", async () => {
+    const good = join(dir, "good.pub");
+    await writeFile(good, `${KEY}\n`);
+    const bad = join(dir, "bad.pub");
+    await writeFile(bad, "not a key\n");
+    for (const order of [
+      [good, bad],
+      [bad, good],
+    ]) {
+      const keys = order.flatMap((file) => ["--ssh-key", file]);
+      const result = await run("vm", "create", "--image", "base", ...keys, ...unreachable);
+      expect(result.code).toBe(2);
+      expect(result.stderr).toContain(`the SSH key on line 1 of ${bad}`);
+      expect(result.stderr).not.toContain("Cannot reach");
+    }
+  });
+
+  test("--help shows the new flags and commands", async () => {
+    const create = await run("vm", "create", "--help");
+    for (const flag of ["--ssh-key", "--publish", "--isolated", "--wait", "--wait-timeout"]) {
+      expect(create.stdout).toContain(flag);
+    }
+    const ssh = await run("vm", "ssh", "--help");
+    expect(ssh.stdout).toContain("USAGE aetherscale vm ssh");
+    expect(ssh.stdout).toContain("--user");
+    const console = await run("vm", "console", "--help");
+    for (const flag of ["--follow", "--bytes", "--json"]) expect(console.stdout).toContain(flag);
+    const start = await run("vm", "start", "--help");
+    expect(start.stdout).toContain("--wait-timeout");
   });
 });

@@ -1,9 +1,9 @@
 import { defineCommand } from "citty";
-import { changeVm } from "../../cli/actions.ts";
-import { clientArgs, vmIdArg } from "../../cli/args.ts";
+import { startVm } from "../../cli/actions.ts";
+import { clientArgs, vmIdArg, waitArgs } from "../../cli/args.ts";
 
 export default defineCommand({
   meta: { name: "start", description: "Start a stopped VM" },
-  args: { ...clientArgs, ...vmIdArg },
-  run: ({ args }) => changeVm("start-vm", args.id, args, args.json),
+  args: { ...clientArgs, ...vmIdArg, ...waitArgs },
+  run: ({ args }) => startVm(args.id, args, args.json),
 });
