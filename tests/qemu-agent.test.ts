@@ -1,10 +1,18 @@
 // Real QEMU behind a real agent, driven through the CLI as a user would:
 // create, stop, start, an agent killed and restarted under running VMs, QEMU
-// killed behind the agent's back, delete, concurrent creates, hostile names.
+// killed behind the agent's back, delete, concurrent creates, hostile names;
+// and through the fleet client: forwarded ports, isolation, the console, the
+// accelerator.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
 import { readdir, readFile, symlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import type { TCPSocketListener } from "bun";
+import { FleetClient } from "../src/fleet.ts";
+import { portIsFree } from "../src/hypervisor/ports.ts";
+import { chooseAccelerator } from "../src/hypervisor/qemu-tools.ts";
+import type { CreateVmOptions, VmInfo } from "../src/protocol/messages.ts";
+import { bootSectorImage } from "./support/boot-sector.ts";
 import {
   Agent,
   cli,
@@ -167,6 +175,9 @@ describe("a VM's life on a real QEMU", () => {
     await waitFor("crashed", async () => (await info(id)).status === "crashed", 10_000);
     const state = JSON.parse(await readFile(join(agent.stateDir, "state.json"), "utf8"));
     expect(state.vms[id].status).toBe("crashed");
+    expect(state.vms[id]["last-error"]).toContain(
+      `QEMU (pid ${before.pid}) exited without being asked to`,
+    );
     const restarted = await cli(["vm", "start", id], { url: vhost.url, timeout: 60 });
     expect(restarted.code).toBe(0);
     expect((await info(id)).status).toBe("running");
@@ -229,5 +240,198 @@ describe("many and hostile", () => {
     const state = JSON.parse(await readFile(join(agent.stateDir, "state.json"), "utf8"));
     expect(state.vms).toEqual({});
     await writeFile(join(outside, "untouched"), "");
+  });
+});
+
+describe("ports, isolation, console and accelerator", () => {
+  // A vhost of its own: creates must reach this agent and no other.
+  let own: Vhost;
+  let network: Agent;
+  let client: FleetClient;
+  let range: { first: number; last: number };
+  let squatter: TCPSocketListener;
+  const vms: string[] = [];
+
+  /** Four ports where nothing listens now (tests may run side by side). */
+  const freeRange = async () => {
+    for (let first = 41000 + Math.floor(Math.random() * 8000); ; first += 4) {
+      const probes = await Promise.all([0, 1, 2, 3].map((i) => portIsFree("127.0.0.1", first + i)));
+      if (probes.every(Boolean)) return { first, last: first + 3 };
+    }
+  };
+
+  const createVm = async (options: Partial<CreateVmOptions> & { image: string }) => {
+    const outcome = await client.create({
+      command: "create-vm",
+      options: { memory: 64, isolated: true, ...options },
+    });
+    const reply = outcome.replies[0];
+    if (!reply?.ok)
+      throw new Error(`create-vm failed: ${reply?.ok === false ? reply.reason : "no reply"}`);
+    vms.push(reply.response["vm-id"]);
+    return reply.response["vm-id"];
+  };
+
+  const vmInfo = async (id: string): Promise<VmInfo> => {
+    const reply = (await client.toVm({ command: "vm-info", options: { "vm-id": id } })).replies[0];
+    if (!reply?.ok)
+      throw new Error(`vm-info failed: ${reply?.ok === false ? reply.reason : "no reply"}`);
+    return reply.response;
+  };
+
+  const cmdline = async (pid: number | null) =>
+    (await readFile(`/proc/${pid}/cmdline`, "utf8")).split("\0");
+
+  beforeAll(async () => {
+    range = await freeRange();
+    // Another program on the second port of the range: the agent must pass it by.
+    squatter = Bun.listen({ hostname: "127.0.0.1", port: range.first + 1, socket: { data() {} } });
+    await bootSectorImage(join(images, "hello.qcow2"), "hello from the boot sector\r\n");
+    await bootSectorImage(join(images, "panics.qcow2"), "about to panic\r\n", "panic");
+    own = await Vhost.create("qemu-net");
+    network = await Agent.start({
+      url: own.url,
+      hostId: "q2",
+      imagesDir: images,
+      driver: "qemu",
+      maxMemory: 2048,
+      extra: [
+        ...["--stop-timeout", "1", "--port-range", `${range.first}-${range.last}`],
+        ...["--publish-address", "127.0.0.1", "--advertise-address", "vms.example"],
+      ],
+    });
+    client = await FleetClient.connect({ url: own.url, timeoutMs: 60_000 });
+  });
+
+  afterAll(async () => {
+    squatter?.stop(true);
+    await client?.close();
+    await network?.kill();
+    if (network) await killProcessesUnder(network.stateDir);
+    await own?.delete();
+    await removeAll(network?.stateDir ?? "");
+  });
+
+  test("two VMs get different SSH ports from the range, skipping one another program holds", async () => {
+    const first = await createVm({ image: "hello" });
+    const second = await createVm({ image: "hello", publish: [{ guest: 80 }] });
+    const [a, b] = [await vmInfo(first), await vmInfo(second)];
+    expect(a.forwards).toEqual([{ host: range.first, guest: 22 }]);
+    expect(b.forwards).toEqual([
+      { host: range.first + 2, guest: 22 },
+      { host: range.first + 3, guest: 80 },
+    ]);
+    for (const vm of [a, b]) {
+      expect(vm).toMatchObject({
+        host: "q2",
+        status: "running",
+        address: "vms.example",
+        isolated: true,
+      });
+      // A blank guest has no agent: vm-info says so, within its short timeout.
+      expect(vm.guest).toEqual({ agent: false, ips: [] });
+      const netdev = (await cmdline(vm.pid))[(await cmdline(vm.pid)).indexOf("-netdev") + 1];
+      expect(netdev).toBe(
+        `user,id=net0,${(vm.forwards ?? []).map((f) => `hostfwd=tcp:127.0.0.1:${f.host}-:${f.guest}`).join(",")},restrict=on`,
+      );
+    }
+    // The range is used up (the squatter holds the rest): the next create is declined everywhere.
+    const full = await client.create({ command: "create-vm", options: { image: "hello" } });
+    expect(full.replies[0]).toMatchObject({
+      ok: false,
+      reason: "No host has capacity for this VM",
+    });
+  });
+
+  test("a guest agent that does not answer slows vm-info alone, never a listing or a stop", async () => {
+    const [asked, stopped] = [vms[0] ?? "", vms[1] ?? ""];
+    const started = performance.now();
+    const info = client
+      .toVm({ command: "vm-info", options: { "vm-id": asked } })
+      .then(() => performance.now() - started);
+    const list = client
+      .gather({ command: "list-vms", options: {} })
+      .then(() => performance.now() - started);
+    const stop = client
+      .toVm({ command: "stop-vm", options: { "vm-id": stopped, kill: true } })
+      .then(() => performance.now() - started);
+    const [infoMs, listMs, stopMs] = await Promise.all([info, list, stop]);
+    // vm-info waits its one second for the silent guest; the others do not wait for it.
+    expect(infoMs).toBeGreaterThanOrEqual(900);
+    expect(listMs).toBeLessThan(infoMs - 300);
+    expect(stopMs).toBeLessThan(infoMs);
+    await client.toVm({ command: "start-vm", options: { "vm-id": stopped } });
+  });
+
+  test("vm-console sends the console's tail through the broker, and what follows an offset", async () => {
+    const id = vms[0] ?? "";
+    await waitFor(
+      "the boot sector's line on the console",
+      async () => {
+        const reply = (await client.toVm({ command: "vm-console", options: { "vm-id": id } }))
+          .replies[0];
+        return reply?.ok === true && reply.response.data.includes("hello from the boot sector");
+      },
+      15_000,
+    );
+    const whole = (await client.toVm({ command: "vm-console", options: { "vm-id": id } }))
+      .replies[0];
+    if (!whole?.ok) throw new Error("vm-console failed");
+    expect(whole.response).toMatchObject({ "vm-id": id, offset: 0 });
+    expect(whole.response.end).toBe(Buffer.byteLength(whole.response.data));
+    const tail = (await client.toVm({ command: "vm-console", options: { "vm-id": id, bytes: 10 } }))
+      .replies[0];
+    expect(tail?.ok && tail.response).toMatchObject({
+      offset: whole.response.end - 10,
+      end: whole.response.end,
+      data: whole.response.data.slice(-10),
+    });
+    const after = (
+      await client.toVm({
+        command: "vm-console",
+        options: { "vm-id": id, offset: whole.response.end },
+      })
+    ).replies[0];
+    expect(after?.ok && after.response).toMatchObject({ offset: whole.response.end, data: "" });
+  });
+
+  test("hosts and vm info say which accelerator runs the guests", async () => {
+    const expected = (await chooseAccelerator("auto")).accel;
+    const hosts = await cliJson(["hosts"], own.url);
+    const q2 = hosts.replies.find((reply) => reply["execution-info"].host === "q2");
+    expect(q2?.response).toMatchObject({ accelerator: expected, address: "vms.example" });
+    expect((await vmInfo(vms[0] ?? "")).accelerator).toBe(expected);
+  });
+
+  test("delete frees the VM's port and removes its files; the next VM may have the port", async () => {
+    const id = vms.shift() ?? "";
+    const before = await vmInfo(id);
+    const deleted = await client.toVm({ command: "delete-vm", options: { "vm-id": id } });
+    expect(deleted.replies[0]?.ok).toBe(true);
+    expect(existsSync(join(network.stateDir, "vms", id))).toBe(false);
+    expect(await alive(before.pid as number)).toBe(false);
+    expect(await portIsFree("127.0.0.1", range.first)).toBe(true);
+    const next = await createVm({ image: "hello" });
+    expect((await vmInfo(next)).forwards).toEqual([{ host: range.first, guest: 22 }]);
+    await client.toVm({ command: "delete-vm", options: { "vm-id": next } });
+  });
+
+  test("a guest that panics is recorded crashed with the reason, and its QEMU is gone", async () => {
+    const id = await createVm({ image: "panics" });
+    let vm = await vmInfo(id);
+    const pid = vm.pid as number;
+    await waitFor(
+      "the VM recorded crashed",
+      async () => {
+        vm = await vmInfo(id);
+        return vm.status === "crashed";
+      },
+      15_000,
+    );
+    expect(vm["last-error"]).toBe(
+      "the guest kernel panicked (QEMU's guest-panicked state); QEMU was killed",
+    );
+    expect(vm.pid).toBeNull();
+    expect(await alive(pid)).toBe(false);
   });
 });

@@ -1,6 +1,7 @@
 // The qemu driver against real QEMU: blank-disk guests that boot to "no
 // bootable device" and never power down by themselves, which is exactly what
-// the escalating stop has to cope with.
+// the escalating stop has to cope with; and boot-sector guests that write to
+// their console or panic. Every guest is isolated (restrict=on).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import {
   chmodSync,
@@ -11,12 +12,22 @@ import {
   readFileSync,
   rmSync,
 } from "node:fs";
-import { readFile, stat } from "node:fs/promises";
+import { mkdir, readFile, stat } from "node:fs/promises";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { RunInfo, VmSpec } from "../src/hypervisor/driver.ts";
+import type { HypervisorError } from "../src/errors.ts";
+import { HostPortTakenError, type RunInfo, type VmSpec } from "../src/hypervisor/driver.ts";
 import { QemuDriver } from "../src/hypervisor/drivers/qemu.ts";
-import { kvmUsable, readCmdline, readImageInfo, runTool } from "../src/hypervisor/qemu-tools.ts";
+import { portIsFree } from "../src/hypervisor/ports.ts";
+import {
+  chooseAccelerator,
+  readCmdline,
+  readImageInfo,
+  runTool,
+} from "../src/hypervisor/qemu-tools.ts";
+import { QmpClient } from "../src/hypervisor/qmp.ts";
+import { bootSectorImage } from "./support/boot-sector.ts";
 
 const root = mkdtempSync(join(tmpdir(), "aetherscale-qemu-"));
 const basePath = join(root, "images", "base.qcow2");
@@ -35,8 +46,37 @@ const specFor = (id: string, extra: Partial<VmSpec> = {}): VmSpec => ({
   dir: join(root, "vms", id),
   memory: 96,
   cpus: 1,
+  network: { address: "127.0.0.1", forwards: [], isolated: true },
   ...extra,
 });
+
+/** The accelerator of a command line, without its options (`tcg,thread=multi` → `tcg`). */
+const accelOf = (cmdline: string[]) => cmdline[cmdline.indexOf("-accel") + 1]?.split(",")[0];
+
+/** A free port of the loopback address, found by probing. */
+const freePort = async (): Promise<number> => {
+  for (let port = 40000 + Math.floor(Math.random() * 10000); ; port++) {
+    if (await portIsFree("127.0.0.1", port)) return port;
+  }
+};
+
+/** Whether something accepts TCP connections on 127.0.0.1:port. */
+const accepts = (port: number): Promise<boolean> =>
+  new Promise((resolve) => {
+    const socket = connect({ host: "127.0.0.1", port });
+    socket.once("connect", () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once("error", () => resolve(false));
+  });
+
+/** What isoinfo (from genisoimage's package) reads back from an ISO. */
+const isoinfo = async (...args: string[]): Promise<string> => {
+  const result = await runTool(["isoinfo", ...args]);
+  expect(result.code).toBe(0);
+  return result.stdout;
+};
 
 /** Alive and not a zombie: a zombie has no command line. */
 const alive = async (pid: number | null): Promise<boolean> =>
@@ -94,7 +134,12 @@ describe("QemuDriver with real QEMU", () => {
   const driver = newDriver();
   const unexpectedExits: string[] = [];
   driver.onUnexpectedExit((vmId) => unexpectedExits.push(vmId));
-  const spec = specFor("alphavmx", { initScript: "#!/bin/sh\necho hello from aetherscale\n" });
+  const sshKey =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHVxg3Hp1d7mJ3gFZ0vQwT8rj6pB3dMhQ5tH0M9r0aZ/ test@aetherscale";
+  const spec = specFor("alphavmx", {
+    initScript: "#!/bin/sh\necho hello from aetherscale\n",
+    sshKeys: [sshKey],
+  });
   let firstRun: RunInfo;
   let secondRun: RunInfo;
 
@@ -123,19 +168,48 @@ describe("QemuDriver with real QEMU", () => {
     expect(socket.mode & 0o777).toBe(0o600);
     expect((await stat(vmDir)).mode & 0o777).toBe(0o700);
 
-    const script = join(vmDir, "init-script");
-    expect(await readFile(script, "utf8")).toBe(spec.initScript ?? "");
-    expect((await stat(script)).mode & 0o777).toBe(0o600);
+    // The seed's files are kept, private, so every boot shows the guest the same instance.
+    for (const name of ["user-data", "meta-data", "seed.iso"]) {
+      expect((await stat(join(vmDir, name))).mode & 0o777).toBe(0o600);
+    }
+    expect(await readFile(join(vmDir, "user-data"), "utf8")).toBe(spec.initScript ?? "");
+    expect(existsSync(join(vmDir, "init-script"))).toBe(false);
 
     const cmdline = await cmdlineOf(firstRun.pid);
     expect(cmdline).toContain("guest=alphavmx,process=aetherscale-alphavmx");
     expect(cmdline).toContain("-daemonize");
-    expect(cmdline).toContain(`name=opt/aetherscale/init-script,file=${script}`);
+    expect(cmdline).toContain(`file=${join(vmDir, "seed.iso")},if=virtio,format=raw,readonly=on`);
+    expect(cmdline).not.toContain("-fw_cfg");
     expect(cmdline[cmdline.indexOf("-m") + 1]).toBe("96");
-    // The accelerator reported is the one QEMU runs with; with a usable /dev/kvm that is KVM
-    // unless QEMU refused it, and the fallback is then visible on the command line too.
-    expect(cmdline[cmdline.indexOf("-accel") + 1]).toBe(firstRun.accelerator);
-    if (!(await kvmUsable())) expect(firstRun.accelerator).toBe("tcg");
+    // The accelerator reported is the one QEMU runs with, and the one this host's probe chose.
+    expect(accelOf(cmdline)).toBe(firstRun.accelerator);
+    expect(firstRun.accelerator).toBe((await chooseAccelerator("auto")).accel);
+    expect(await driver.accelerator()).toBe(firstRun.accelerator);
+    // Isolated: the guest reaches nothing.
+    expect(cmdline[cmdline.indexOf("-netdev") + 1]).toBe("user,id=net0,restrict=on");
+  }, 30_000);
+
+  test("the seed is an ISO 9660 volume labelled cidata holding user-data and meta-data", async () => {
+    const iso = join(spec.dir, "seed.iso");
+    expect(await isoinfo("-d", "-i", iso)).toContain("Volume id: cidata");
+    const listed = (await isoinfo("-R", "-f", "-i", iso)).trim().split("\n").sort();
+    expect(listed).toEqual(["/meta-data", "/user-data"]);
+    expect(await isoinfo("-R", "-i", iso, "-x", "/user-data")).toBe(spec.initScript ?? "");
+    const metaData = Bun.YAML.parse(await isoinfo("-R", "-i", iso, "-x", "/meta-data"));
+    expect(metaData).toEqual({
+      "instance-id": "alphavmx",
+      "local-hostname": "alphavmx",
+      "public-keys": [sshKey],
+    });
+  }, 30_000);
+
+  test("a guest without an agent answers vm-info's question quickly: no agent, no IPs", async () => {
+    const startedAt = Date.now();
+    // Asked three times at once: they share one question rather than queue for the channel.
+    const answers = await Promise.all([1, 2, 3].map(() => driver.guestInfo(spec)));
+    expect(answers).toEqual([1, 2, 3].map(() => ({ agent: false, ips: [] })));
+    expect(Date.now() - startedAt).toBeLessThan(2500);
+    expect((await stat(join(spec.dir, "qga.sock"))).isSocket()).toBe(true);
   }, 30_000);
 
   test("graceful stop escalates when the guest does not power down", async () => {
@@ -158,8 +232,8 @@ describe("QemuDriver with real QEMU", () => {
     expect(secondRun.disk).toBe(firstRun.disk);
     const cmdline = await cmdlineOf(secondRun.pid);
     expect(cmdline).toContain(`file=${firstRun.disk},if=virtio,format=qcow2`);
-    // The init script stays attached on every boot, not only the first.
-    expect(cmdline.some((arg) => arg.startsWith("name=opt/aetherscale/init-script"))).toBe(true);
+    // The same seed on every boot: cloud-init sees the same instance and does not run the script again.
+    expect(cmdline.some((arg) => arg.startsWith(`file=${join(spec.dir, "seed.iso")},`))).toBe(true);
   }, 30_000);
 
   test("start on a running VM returns it instead of booting a second QEMU", async () => {
@@ -196,6 +270,22 @@ describe("QemuDriver with real QEMU", () => {
       await Bun.sleep(500);
       expect(await alive(running.pid)).toBe(true);
       expect(unexpectedExits).toEqual([]);
+
+      // The guest's hardware as DEVICES promises it: NIC in slot 2, disk 3, seed 4, serial bus 8.
+      const qmp = await QmpClient.connect(join(spec.dir, "qmp.sock"), { timeoutMs: 5000 });
+      const buses = (await qmp.execute("query-pci")) as {
+        devices: { slot: number; qdev_id: string; class_info: { desc?: string } }[];
+      }[];
+      await qmp.close();
+      const slots = (buses[0]?.devices ?? [])
+        .filter((device) => device.slot >= 2)
+        .map((device) => [device.slot, device.qdev_id || device.class_info.desc]);
+      expect(slots).toEqual([
+        [2, "Ethernet controller"],
+        [3, "SCSI controller"],
+        [4, "SCSI controller"],
+        [8, "vser0"],
+      ]);
 
       successor = newDriver({ pollIntervalMs: 1000 });
       successor.onUnexpectedExit((vmId) => successorExits.push(vmId));
@@ -295,7 +385,8 @@ describe("QemuDriver, other cases", () => {
     const run = await driver.create(spec);
     expect(run.accelerator).toBe("tcg");
     const cmdline = await cmdlineOf(run.pid);
-    expect(cmdline[cmdline.indexOf("-accel") + 1]).toBe("tcg");
+    expect(cmdline[cmdline.indexOf("-accel") + 1]).toBe("tcg,thread=multi");
+    expect(cmdline[cmdline.indexOf("-cpu") + 1]).toBe("max");
     await driver.destroy(spec);
   }, 30_000);
 
@@ -308,14 +399,22 @@ describe("QemuDriver, other cases", () => {
       '#!/bin/sh\nfor arg in "$@"; do\n  if [ "$arg" = kvm ]; then echo "kvm: broken here" >&2; exit 1; fi\ndone\nexec qemu-system-x86_64 "$@"\n',
     );
     chmodSync(wrapper, 0o755);
-    const driver = newDriver({ qemuBinary: wrapper, kvmDevice: "/dev/null" });
+    // A host whose KVM looks right: the device opens and kvm_intel is loaded.
+    const sysModuleDir = join(root, "sys-module-intel");
+    await mkdir(join(sysModuleDir, "kvm_intel"), { recursive: true });
+    const driver = newDriver({ qemuBinary: wrapper, kvmDevice: "/dev/null", sysModuleDir });
     const spec = specFor("fallback");
     const run = await driver.create(spec);
     expect(run.accelerator).toBe("tcg");
     expect(await alive(run.pid)).toBe(true);
     await driver.destroy(spec);
 
-    const strict = newDriver({ qemuBinary: wrapper, kvmDevice: "/dev/null", accel: "kvm" });
+    const strict = newDriver({
+      qemuBinary: wrapper,
+      kvmDevice: "/dev/null",
+      sysModuleDir,
+      accel: "kvm",
+    });
     await expect(strict.create(specFor("strictkv"))).rejects.toThrow(/kvm: broken here/);
     const noKvm = newDriver({ accel: "kvm", kvmDevice: join(root, "no-kvm-here") });
     await expect(noKvm.create(specFor("strictkv"))).rejects.toThrow(/cannot be opened read-write/);
@@ -329,6 +428,102 @@ describe("QemuDriver, other cases", () => {
     expect(existsSync(spec.dir)).toBe(false);
     expect(processesUsing(spec.dir)).toEqual([]);
   }, 30_000);
+
+  test("forwarded ports listen on the publish address and reach the guest; restrict=on stays", async () => {
+    const driver = newDriver();
+    const ssh = await freePort();
+    let web = await freePort();
+    while (web === ssh) web = await freePort();
+    const spec = specFor("forwards", {
+      network: {
+        address: "127.0.0.1",
+        forwards: [
+          { host: ssh, guest: 22 },
+          { host: web, guest: 80 },
+        ],
+        isolated: true,
+      },
+    });
+    const run = await driver.create(spec);
+    const cmdline = await cmdlineOf(run.pid);
+    expect(cmdline[cmdline.indexOf("-netdev") + 1]).toBe(
+      `user,id=net0,hostfwd=tcp:127.0.0.1:${ssh}-:22,hostfwd=tcp:127.0.0.1:${web}-:80,restrict=on`,
+    );
+    // QEMU itself holds the ports: a client connects (nothing in a blank guest answers).
+    expect(await accepts(ssh)).toBe(true);
+    expect(await accepts(web)).toBe(true);
+    await driver.destroy(spec);
+    expect(await waitUntil(() => portIsFree("127.0.0.1", ssh), 2000)).toBe(true);
+  }, 30_000);
+
+  test("a forward whose port another program took is a typed error naming the port, and leaves nothing", async () => {
+    const driver = newDriver();
+    const port = await freePort();
+    const squatter = Bun.listen({ hostname: "127.0.0.1", port, socket: { data() {} } });
+    try {
+      const spec = specFor("portrace", {
+        network: { address: "127.0.0.1", forwards: [{ host: port, guest: 22 }], isolated: true },
+      });
+      const error = await driver.create(spec).catch((thrown: unknown) => thrown);
+      expect(error).toBeInstanceOf(HostPortTakenError);
+      expect((error as HostPortTakenError).hostPort).toBe(port);
+      expect((error as Error).message).toContain(`host port ${port}`);
+      expect(existsSync(spec.dir)).toBe(false);
+      expect(processesUsing(spec.dir)).toEqual([]);
+    } finally {
+      squatter.stop(true);
+    }
+  }, 30_000);
+
+  test("what the guest writes to its serial port is in the console log", async () => {
+    const image = join(root, "images", "hello.qcow2");
+    await bootSectorImage(image, "hello from the boot sector\r\n");
+    const driver = newDriver();
+    const spec = specFor("consolex", { basePath: image });
+    const run = await driver.create(spec);
+    const log = run.consoleLog ?? "";
+    expect(
+      await waitUntil(
+        async () => (await readFile(log, "utf8")).includes("hello from the boot sector"),
+        15_000,
+      ),
+    ).toBe(true);
+    await driver.destroy(spec);
+  }, 30_000);
+
+  test("a guest that panics is ended and reported with the reason, not left running", async () => {
+    const image = join(root, "images", "panics.qcow2");
+    await bootSectorImage(image, "about to panic\r\n", "panic");
+    const driver = newDriver();
+    const exits: { vmId: string; reason: string }[] = [];
+    driver.onUnexpectedExit((vmId, reason) => exits.push({ vmId, reason }));
+    const spec = specFor("panicked", { basePath: image });
+    // The firmware takes a good part of a second to reach the boot sector: QEMU says running first.
+    const run = await driver.create(spec);
+    expect(await waitUntil(() => exits.length > 0, 15_000)).toBe(true);
+    expect(exits).toEqual([
+      {
+        vmId: "panicked",
+        reason: "the guest kernel panicked (QEMU's guest-panicked state); QEMU was killed",
+      },
+    ]);
+    expect(await waitUntil(async () => !(await alive(run.pid)), 5000)).toBe(true);
+    expect(await readFile(run.consoleLog ?? "", "utf8")).toContain("about to panic");
+    await Bun.sleep(500);
+    expect(exits).toHaveLength(1);
+    await driver.destroy(spec);
+  }, 30_000);
+
+  test("the probe names a missing seed tool and how to install it", async () => {
+    const driver = newDriver({ genisoimage: "no-such-genisoimage" });
+    const error = await driver.probe().catch((thrown: unknown) => thrown);
+    expect((error as Error).message).toBe("no-such-genisoimage was not found on PATH");
+    expect((error as HypervisorError).hint).toContain("scripts/install-qemu.sh");
+    expect((error as HypervisorError).hint).toContain("genisoimage");
+    const probe = await newDriver().probe();
+    expect(probe.genisoimage).toMatch(/genisoimage$/);
+    expect(probe.accel.accel).toBe((await chooseAccelerator("auto")).accel);
+  });
 
   test("a missing base image is a clear error naming it", async () => {
     const driver = newDriver();

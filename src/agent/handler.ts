@@ -134,7 +134,9 @@ export class HostHandler implements MessageHandler {
       case "list-hosts":
         return this.success(await host.info());
       case "vm-info":
-        return this.success(host.record(request.options["vm-id"]));
+        return this.success(await host.vmInfo(request.options["vm-id"]));
+      case "vm-console":
+        return this.success(await host.consoleTail(request.options));
       case "start-vm":
         return this.success(await host.startVm(request.options["vm-id"]));
       case "stop-vm":

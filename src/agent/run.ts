@@ -5,7 +5,8 @@ import { messageOf } from "../_utils.ts";
 import { HypervisorError } from "../errors.ts";
 import type { VmDriver } from "../hypervisor/driver.ts";
 import { FakeDriver } from "../hypervisor/drivers/fake.ts";
-import { Host } from "../hypervisor/host.ts";
+import { Host, type HostNetwork } from "../hypervisor/host.ts";
+import type { AccelChoice } from "../hypervisor/qemu-tools.ts";
 import { logger } from "../log.ts";
 import { AgentConsumer } from "../routing/consumer.ts";
 import { VERSION } from "../version.ts";
@@ -26,6 +27,10 @@ export type AgentConfig = {
   /** With the fake driver: how long a simulated VM takes to boot. */
   fakeBootMs: number;
   stopTimeoutMs: number;
+  /** With the qemu driver: which accelerator VMs run with. */
+  accel: AccelChoice;
+  /** Host ports for VMs' forwards, where QEMU publishes them and the address clients are told. */
+  network: HostNetwork;
   url: string;
   caFile: string | undefined;
 };
@@ -34,13 +39,14 @@ const makeDriver = async (config: AgentConfig): Promise<VmDriver> => {
   if (config.driver === "fake") return new FakeDriver({ bootMs: config.fakeBootMs });
   // Loaded only here: a client run never pays for the QEMU driver.
   const { QemuDriver } = await import("../hypervisor/drivers/qemu.ts");
-  const driver = new QemuDriver();
+  const driver = new QemuDriver({ accel: config.accel });
   const probe = await driver.probe().catch((error: unknown) => {
-    throw new HypervisorError(`QEMU is not usable on this host: ${messageOf(error)}`, {
-      hint: "Install it with `bash scripts/install-qemu.sh` (apt-get install qemu-system-x86 qemu-utils), or run with --driver fake.",
+    throw new HypervisorError(`The qemu driver cannot run on this host: ${messageOf(error)}`, {
+      hint: "Install it with `bash scripts/install-qemu.sh` (apt-get install qemu-system-x86 qemu-utils genisoimage), or run with --driver fake.",
     });
   });
-  log.info(`${probe.version}; ${probe.kvmUsable ? "KVM" : "no usable /dev/kvm: TCG (slower)"}`);
+  const accel = probe.accel.accel === "kvm" ? "KVM" : "TCG (no KVM that can run a guest: slower)";
+  log.info(`${probe.version}; ${accel}: ${probe.accel.reason}`);
   return driver;
 };
 
@@ -69,9 +75,11 @@ export const runAgent = async (config: AgentConfig): Promise<void> => {
     driver,
     stopTimeoutMs: config.stopTimeoutMs,
     version: VERSION,
+    network: config.network,
   });
+  const { portRange, publishAddress, advertiseAddress } = config.network;
   log.info(
-    `host ${hostId}: driver ${driver.name}, state ${config.stateDir}, images ${config.imagesDir}, ${host.vmIds().length} VM(s)`,
+    `host ${hostId}: driver ${driver.name}, state ${config.stateDir}, images ${config.imagesDir}, ${host.vmIds().length} VM(s); ports ${portRange.first}-${portRange.last} on ${publishAddress}, advertised as ${advertiseAddress}`,
   );
   const consumer = new AgentConsumer({
     url: config.url,

@@ -1,10 +1,18 @@
 // `aetherscale agent`'s flags, checked and with their defaults filled in: the
 // configuration src/agent/run.ts runs a host's agent with.
+import { isIPv4 } from "node:net";
 import { homedir, hostname, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import * as v from "valibot";
 import type { AgentConfig } from "../agent/run.ts";
 import { UsageError } from "../errors.ts";
+import type { HostNetwork } from "../hypervisor/host.ts";
+import {
+  DEFAULT_PORT_RANGE,
+  DEFAULT_PUBLISH_ADDRESS,
+  type PortRange,
+} from "../hypervisor/ports.ts";
+import type { AccelChoice } from "../hypervisor/qemu-tools.ts";
 import { describeIssues } from "../protocol/envelope.ts";
 import { HostId } from "../protocol/messages.ts";
 import { integerArg, resolveAmqpUrl, resolveCaFile, secondsArg } from "./args.ts";
@@ -20,6 +28,55 @@ export type AgentFlags = {
   "amqp-url"?: string;
   "amqp-ca"?: string;
   "fake-boot-ms"?: string;
+  accel?: string;
+  "port-range"?: string;
+  "publish-address"?: string;
+  "advertise-address"?: string;
+};
+
+const ACCEL_CHOICES: readonly AccelChoice[] = ["auto", "kvm", "tcg"];
+
+const accelFrom = (flag: string | undefined): AccelChoice => {
+  const choice = ACCEL_CHOICES.find((known) => known === (flag ?? "auto"));
+  if (choice === undefined) {
+    throw new UsageError(`--accel must be auto, kvm or tcg, not "${String(flag).slice(0, 40)}"`);
+  }
+  return choice;
+};
+
+const portRangeFrom = (flag: string | undefined): PortRange => {
+  if (flag === undefined) return DEFAULT_PORT_RANGE;
+  const match = /^(\d{1,5})-(\d{1,5})$/.exec(flag.trim());
+  const first = Number(match?.[1]);
+  const last = Number(match?.[2]);
+  if (match === null || first < 1 || last > 65535 || first > last) {
+    throw new UsageError(
+      `--port-range must be two ports A-B with 1 <= A <= B <= 65535, not "${flag.slice(0, 40)}"`,
+      `For example --port-range ${DEFAULT_PORT_RANGE.first}-${DEFAULT_PORT_RANGE.last}`,
+    );
+  }
+  return { first, last };
+};
+
+/** A host name or an IP address, as clients are to be told it. */
+const ADVERTISED = /^[A-Za-z0-9]([A-Za-z0-9._:-]{0,252})$/;
+
+const networkFrom = (flags: AgentFlags): HostNetwork => {
+  const publishAddress = flags["publish-address"] ?? DEFAULT_PUBLISH_ADDRESS;
+  // QEMU's user-mode network listens for forwards on IPv4 only.
+  if (!isIPv4(publishAddress)) {
+    throw new UsageError(
+      `--publish-address must be an IPv4 address (127.0.0.1, 0.0.0.0 for every address, or one of this host's), not "${publishAddress.slice(0, 60)}"`,
+    );
+  }
+  const advertiseAddress =
+    flags["advertise-address"] ?? (publishAddress === "0.0.0.0" ? hostname() : publishAddress);
+  if (!ADVERTISED.test(advertiseAddress)) {
+    throw new UsageError(
+      `--advertise-address must be a host name or an IP address, not "${advertiseAddress.slice(0, 60)}"`,
+    );
+  }
+  return { portRange: portRangeFrom(flags["port-range"]), publishAddress, advertiseAddress };
 };
 
 const defaultHostId = (): string =>
@@ -61,6 +118,8 @@ export const agentConfigFrom = (flags: AgentFlags): AgentConfig => {
         : integerArg("max-memory", flags["max-memory"], { min: 0, max: 1024 ** 3 }),
     fakeBootMs: integerArg("fake-boot-ms", flags["fake-boot-ms"] ?? "0", { min: 0, max: 600_000 }),
     stopTimeoutMs: secondsArg("stop-timeout", flags["stop-timeout"] ?? "30"),
+    accel: accelFrom(flags.accel),
+    network: networkFrom(flags),
     stateDir: resolve(flags["state-dir"] || defaultStateDir(hostId)),
     imagesDir: resolve(flags["images-dir"] || defaultImagesDir()),
     url: resolveAmqpUrl(flags["amqp-url"]),

@@ -1,6 +1,16 @@
 // The seam between a host's VM bookkeeping (host.ts, shared by every driver)
 // and the thing that actually runs a VM (a QEMU process, or a simulation).
-import type { Accelerator } from "../protocol/messages.ts";
+import { HypervisorError } from "../errors.ts";
+import type { Accelerator, Forward, GuestInfo } from "../protocol/messages.ts";
+
+/** How a VM is reached: host ports forwarded to it on one address, and whether it reaches out. */
+export type VmNetwork = {
+  /** The host address the forwards listen on. */
+  address: string;
+  forwards: readonly Forward[];
+  /** The guest reaches nothing but its forwards. */
+  isolated: boolean;
+};
 
 export type VmSpec = {
   id: string;
@@ -11,7 +21,12 @@ export type VmSpec = {
   dir: string;
   memory: number;
   cpus: number;
+  /** Made into the guest's first-boot user-data when the VM is created. */
   initScript?: string | undefined;
+  /** Public keys the guest's default user accepts, given to it when the VM is created. */
+  sshKeys?: readonly string[] | undefined;
+  /** Without it, the VM gets a network with no forwards that reaches out freely. */
+  network?: VmNetwork | undefined;
 };
 
 export type RunInfo = {
@@ -28,6 +43,20 @@ export type StopOptions = {
   timeoutMs: number;
 };
 
+/**
+ * A host port of the VM's forwards was taken by another program between the
+ * check and QEMU's own bind: the caller may pick another port and try again.
+ */
+export class HostPortTakenError extends HypervisorError {
+  readonly hostPort: number;
+  constructor(message: string, hostPort: number) {
+    super(message, {
+      hint: `Another program listens on host port ${hostPort}; stop it, or let the agent pick another port`,
+    });
+    this.hostPort = hostPort;
+  }
+}
+
 export interface VmDriver {
   readonly name: "qemu" | "fake";
   /** Makes the VM's disk and boots it; resolves once the VM is running. */
@@ -43,8 +72,18 @@ export interface VmDriver {
    * reused pid) and re-attaches to it. Null when no such process lives.
    */
   reattach(spec: VmSpec, pid: number | null): Promise<RunInfo | null>;
-  /** Registers the one listener for VM processes that died without being asked to. */
-  onUnexpectedExit(listener: (vmId: string) => void): void;
+  /**
+   * What the guest's own agent says, asked briefly: never long enough to hold
+   * up anything else. Undefined where the driver's VMs have no guest to ask.
+   */
+  guestInfo(spec: VmSpec): Promise<GuestInfo | undefined>;
+  /** The accelerator this host runs its VMs with. */
+  accelerator(): Promise<Accelerator>;
+  /**
+   * Registers the one listener for VMs that died without being asked to (the
+   * process went, or the guest hit a fatal state and was ended), with why.
+   */
+  onUnexpectedExit(listener: (vmId: string, reason: string) => void): void;
   /** Detaches from every VM without stopping any: VMs outlive the agent. */
   close(): Promise<void>;
 }

@@ -6,16 +6,29 @@ import { CommandError, DeclineError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { RawJson } from "../protocol/envelope.ts";
 import {
+  type ConsoleTail,
   type CreateVmOptions,
+  type Forward,
   type HostInfo,
   Reasons,
   type StopVmOptions,
+  type VmConsoleOptions,
+  type VmInfo,
   type VmRecord,
   type VmStatusReply,
   vmIdForRequest,
 } from "../protocol/messages.ts";
-import type { RunInfo, VmDriver, VmSpec } from "./driver.ts";
+import { readConsole } from "./console-log.ts";
+import { HostPortTakenError, type RunInfo, type VmDriver, type VmSpec } from "./driver.ts";
 import { ImageStore } from "./images.ts";
+import {
+  DEFAULT_PORT_RANGE,
+  DEFAULT_PUBLISH_ADDRESS,
+  PortAllocator,
+  type PortRange,
+  portRequests,
+  SSH_GUEST_PORT,
+} from "./ports.ts";
 import { StateStore } from "./store.ts";
 
 const log = logger.withTag("host");
@@ -31,6 +44,19 @@ export type HostOptions = {
   driver: VmDriver;
   stopTimeoutMs: number;
   version: string;
+  /** Where VMs' forwarded ports are published; defaults: the range 22000-23999 on 127.0.0.1. */
+  network?: Partial<HostNetwork>;
+};
+
+export type HostNetwork = {
+  /** Host ports handed to VMs' forwards come from here. */
+  portRange: PortRange;
+  /** The address QEMU listens on for forwards. */
+  publishAddress: string;
+  /** The address clients are told to reach forwards at. */
+  advertiseAddress: string;
+  /** Probes whether another program listens on a port; a test may replace it. */
+  portIsFree?: ((address: string, port: number) => Promise<boolean>) | undefined;
 };
 
 export type RequestContext = {
@@ -62,6 +88,9 @@ export class Host {
   private readonly vmLocks = new KeyedLock();
   private used = { vms: 0, memory: 0 };
   private listCache: RawJson | null = null;
+  private readonly ports: PortAllocator;
+  private readonly publishAddress: string;
+  private readonly advertiseAddress: string;
 
   private constructor(options: HostOptions, store: StateStore) {
     this.id = options.hostId;
@@ -70,21 +99,31 @@ export class Host {
     this.driver = options.driver;
     this.images = new ImageStore(options.imagesDir);
     for (const record of store.all()) this.account(record, 1);
+    this.publishAddress = options.network?.publishAddress ?? DEFAULT_PUBLISH_ADDRESS;
+    this.advertiseAddress = options.network?.advertiseAddress ?? this.publishAddress;
+    this.ports = new PortAllocator({
+      range: options.network?.portRange ?? DEFAULT_PORT_RANGE,
+      address: this.publishAddress,
+      hostId: options.hostId,
+      isFree: options.network?.portIsFree,
+    });
+    this.ports.resumeAfter(this.portsInUse());
   }
 
   /** Takes the state directory, reads it and reconciles every record with what really runs. */
   static async open(options: HostOptions): Promise<Host> {
     const store = await StateStore.open(options.stateDir, options.hostId);
     const host = new Host(options, store);
+    // Before reconcile: re-attaching may find a guest that died meanwhile, reported at once.
+    options.driver.onUnexpectedExit((vmId, reason) => {
+      void host.markCrashed(vmId, reason);
+    });
     try {
       await host.reconcile();
     } catch (error) {
       await store.close();
       throw error;
     }
-    options.driver.onUnexpectedExit((vmId) => {
-      void host.markCrashed(vmId);
-    });
     return host;
   }
 
@@ -104,6 +143,10 @@ export class Host {
   }
 
   async info(): Promise<HostInfo> {
+    const accelerator = await this.driver.accelerator().catch((error: unknown) => {
+      log.warn(`Could not tell this host's accelerator: ${messageOf(error)}`);
+      return undefined;
+    });
     return {
       host: this.id,
       vms: this.store.size,
@@ -117,7 +160,41 @@ export class Host {
       "uptime-s": Math.round((Date.now() - this.startedAt) / 1000),
       driver: this.driver.name,
       images: await this.images.list(),
+      ...(accelerator === undefined ? {} : { accelerator }),
+      address: this.advertiseAddress,
     };
+  }
+
+  /**
+   * The VM's record, where its forwards are reached, and what its guest agent
+   * says. Not under the VM's lock: a guest that does not answer delays this
+   * reply by its short timeout and nothing else.
+   */
+  async vmInfo(vmId: string): Promise<VmInfo> {
+    const record = this.record(vmId);
+    const guest = await this.driver.guestInfo(this.spec(record));
+    return {
+      ...record,
+      address: this.advertiseAddress,
+      ...(guest === undefined ? {} : { guest }),
+    };
+  }
+
+  /** A piece of the VM's serial console: its tail, or what follows `offset`. */
+  async consoleTail(options: VmConsoleOptions): Promise<ConsoleTail> {
+    const vmId = options["vm-id"];
+    const path = this.record(vmId)["console-log"];
+    if (path === null) {
+      throw new CommandError(
+        this.driver.name === "fake"
+          ? `VM ${vmId} has no console: the fake driver simulates VMs without a guest`
+          : `VM ${vmId} has no console log yet: it has not booted; try again once it runs`,
+      );
+    }
+    const read = await readConsole(path, options).catch((error: unknown) => {
+      throw new CommandError(`Could not read the console of VM ${vmId}: ${messageOf(error)}`);
+    });
+    return { "vm-id": vmId, ...read };
   }
 
   async createVm(options: CreateVmOptions, context: RequestContext): Promise<VmStatusReply> {
@@ -130,8 +207,24 @@ export class Host {
       }
     }
     await this.images.resolve(options.image);
-    // From here to put() nothing awaits, so two creates cannot both take the last slot.
+    // Checked before ports are probed too, so a full host declines without probing.
     this.assertCapacity(options.memory);
+    const forwards = await this.ports.allocate(portRequests(options.publish), this.portsInUse());
+    try {
+      // From here to put() nothing awaits, so two creates cannot both take the last slot.
+      this.assertCapacity(options.memory);
+      return this.putNewVm(options, context, forwards);
+    } finally {
+      // The record holds them now, or there is no record.
+      this.ports.release(forwards);
+    }
+  }
+
+  private putNewVm(
+    options: CreateVmOptions,
+    context: RequestContext,
+    forwards: Forward[],
+  ): Promise<VmStatusReply> {
     const wanted = context.requestId === undefined ? null : vmIdForRequest(context.requestId);
     let id = wanted !== null && !this.store.has(wanted) ? wanted : newVmId();
     while (this.store.has(id)) id = newVmId();
@@ -151,6 +244,8 @@ export class Host {
       "console-log": null,
       ...(options["init-script"] === undefined ? {} : { "init-script": true }),
       ...(context.requestId === undefined ? {} : { "request-id": context.requestId }),
+      forwards,
+      isolated: options.isolated,
     };
     this.store.put(record);
     this.account(record, 1);
@@ -193,11 +288,23 @@ export class Host {
   /** Makes the VM's disk and boots it; on failure nothing of it is left, record included. */
   private async boot(record: VmRecord, options: CreateVmOptions): Promise<VmStatusReply> {
     const id = record["vm-id"];
+    const firstBoot = (current: VmRecord) => ({
+      ...this.spec(current),
+      initScript: options["init-script"],
+      sshKeys: options["ssh-keys"],
+    });
+    const named = new Set(options.publish.flatMap((publish) => publish.host ?? []));
     try {
-      const run = await this.driver.create({
-        ...this.spec(record),
-        initScript: options["init-script"],
-      });
+      let run: RunInfo;
+      try {
+        run = await this.driver.create(firstBoot(record));
+      } catch (error) {
+        // Another program took a port between our probe and QEMU's bind: once, with another port.
+        if (!(error instanceof HostPortTakenError) || named.has(error.hostPort)) throw error;
+        await this.driver.destroy(this.spec(record));
+        const moved = await this.replacePort(id, error.hostPort);
+        run = await this.driver.create(firstBoot(moved));
+      }
       await this.save(id, { status: "running", ...runFields(run) });
     } catch (error) {
       log.error(`VM ${id} could not be created: ${String(error)}`);
@@ -218,9 +325,20 @@ export class Host {
         return { status: "starting", "vm-id": vmId, hint: `VM "${vmId}" was already started` };
       }
       this.assertSettled(record);
-      const run = await this.driver.start(this.spec(record)).catch((error: unknown) => {
-        throw new CommandError(`Could not start VM ${vmId}: ${messageOf(error)}`);
-      });
+      const current = await this.withSshForward(record);
+      const run = await this.driver
+        .start(this.spec(current))
+        .catch(async (error: unknown) => {
+          // Another program took one of its ports while it was stopped: one from the range moves.
+          if (error instanceof HostPortTakenError && this.ports.inRange(error.hostPort)) {
+            const moved = await this.replacePort(vmId, error.hostPort);
+            return this.driver.start(this.spec(moved));
+          }
+          throw error;
+        })
+        .catch((error: unknown) => {
+          throw new CommandError(`Could not start VM ${vmId}: ${messageOf(error)}`);
+        });
       await this.save(vmId, { status: "running", "last-error": undefined, ...runFields(run) });
       return { status: "starting", "vm-id": vmId };
     });
@@ -292,7 +410,56 @@ export class Host {
       dir: join(this.options.stateDir, "vms", record["vm-id"]),
       memory: record.memory,
       cpus: record.cpus,
+      network: {
+        address: this.publishAddress,
+        forwards: record.forwards ?? [],
+        isolated: record.isolated ?? false,
+      },
     };
+  }
+
+  /** Every host port a VM of this host holds, running or not: none is given twice. */
+  private portsInUse(): Set<number> {
+    const ports = new Set<number>();
+    for (const record of this.store.all()) {
+      for (const forward of record.forwards ?? []) ports.add(forward.host);
+    }
+    return ports;
+  }
+
+  /** The VM's record, with an SSH forward added first if it has none (VMs made before forwards existed). */
+  private async withSshForward(record: VmRecord): Promise<VmRecord> {
+    if (record.forwards !== undefined) return record;
+    const forwards = await this.ports.allocate([{ guest: SSH_GUEST_PORT }], this.portsInUse());
+    try {
+      await this.save(record["vm-id"], { forwards });
+    } finally {
+      this.ports.release(forwards);
+    }
+    return this.record(record["vm-id"]);
+  }
+
+  /** Gives the VM a new port from the range in place of `taken`, which another program holds. */
+  private async replacePort(vmId: string, taken: number): Promise<VmRecord> {
+    const record = this.record(vmId);
+    const forwards = record.forwards ?? [];
+    const index = forwards.findIndex((forward) => forward.host === taken);
+    const old = forwards[index];
+    if (old === undefined) {
+      throw new CommandError(`VM ${vmId}: QEMU named host port ${taken}, which is none of its own`);
+    }
+    log.warn(`VM ${vmId}: host port ${taken} was taken by another program; picking another`);
+    const inUse = this.portsInUse();
+    inUse.add(taken);
+    const [replacement] = await this.ports.allocate([{ guest: old.guest }], inUse);
+    if (replacement === undefined)
+      throw new CommandError(`VM ${vmId}: no port to replace ${taken}`);
+    try {
+      await this.save(vmId, { forwards: forwards.with(index, replacement) });
+    } finally {
+      this.ports.release([replacement]);
+    }
+    return this.record(vmId);
   }
 
   private async save(vmId: string, changes: Partial<VmRecord>): Promise<void> {
@@ -329,12 +496,12 @@ export class Host {
     this.used = { vms: this.used.vms + sign, memory: this.used.memory + sign * record.memory };
   }
 
-  private async markCrashed(vmId: string): Promise<void> {
+  private async markCrashed(vmId: string, reason: string): Promise<void> {
     await this.withVm(vmId, async () => {
       const record = this.store.get(vmId);
       if (record === undefined || record.status !== "running") return;
-      log.warn(`VM ${vmId} stopped without being asked to; marking it crashed`);
-      await this.save(vmId, { status: "crashed", pid: null });
+      log.warn(`VM ${vmId} stopped without being asked to (${reason}); marking it crashed`);
+      await this.save(vmId, { status: "crashed", pid: null, "last-error": reason });
     }).catch((error: unknown) =>
       log.error(`Could not record that VM ${vmId} crashed: ${String(error)}`),
     );
@@ -344,20 +511,23 @@ export class Host {
     let changed = 0;
     for (const record of this.store.all()) {
       if (record.status === "stopped" || record.status === "crashed") continue;
-      const run = await this.driver
-        .reattach(this.spec(record), record.pid)
-        .catch((error: unknown) => {
-          log.warn(`Could not re-attach to VM ${record["vm-id"]}: ${String(error)}`);
-          return null;
-        });
-      const next: VmRecord = run
-        ? { ...record, status: "running", ...runFields(run) }
-        : { ...record, status: record.status === "stopping" ? "stopped" : "crashed", pid: null };
-      if (next.status !== record.status || next.pid !== record.pid) {
-        log.info(`VM ${record["vm-id"]}: ${record.status} → ${next.status}`);
-        this.store.put({ ...next, "updated-at": now() });
-        changed++;
-      }
+      // Under the VM's lock: a death the driver reports while re-attaching is recorded after this.
+      await this.withVm(record["vm-id"], async () => {
+        const run = await this.driver
+          .reattach(this.spec(record), record.pid)
+          .catch((error: unknown) => {
+            log.warn(`Could not re-attach to VM ${record["vm-id"]}: ${String(error)}`);
+            return null;
+          });
+        const next: VmRecord = run
+          ? { ...record, status: "running", ...runFields(run) }
+          : { ...record, status: record.status === "stopping" ? "stopped" : "crashed", pid: null };
+        if (next.status !== record.status || next.pid !== record.pid) {
+          log.info(`VM ${record["vm-id"]}: ${record.status} → ${next.status}`);
+          this.store.put({ ...next, "updated-at": now() });
+          changed++;
+        }
+      });
     }
     if (changed > 0) await this.store.flush();
   }

@@ -1,10 +1,9 @@
 // A VM's QEMU command line, assembled from devices. Each device names the
 // files it keeps in the VM's directory, makes them when the VM is created, and
 // adds its arguments to every boot; the driver only walks the list. A new
-// device (a cloud-init seed, a guest agent channel) is one more unit here and
-// one more line in DEVICES.
-import { writeFile } from "node:fs/promises";
+// device is one more unit here and one more line in DEVICES.
 import { join } from "node:path";
+import { seedDocuments, writeSeed } from "./cloud-init.ts";
 import type { VmSpec } from "./driver.ts";
 import { createOverlay, escapeOptionValue as value } from "./qemu-tools.ts";
 
@@ -33,8 +32,8 @@ export type QemuVm = {
   cpus: number;
   accel: "kvm" | "tcg";
   network: UserNetwork;
-  /** Whether the VM's directory holds an init script for the guest. */
-  initScript: boolean;
+  /** Whether the VM's directory holds a cloud-init seed (VMs made before seeds existed have none). */
+  seed: boolean;
 };
 
 /** What a device may need to make its files when the VM is created. */
@@ -43,6 +42,7 @@ export type DeviceCreation = {
   /** The base image's absolute path, already checked to exist. */
   basePath: string;
   qemuImg: string;
+  genisoimage: string;
 };
 
 type Device<Role extends string> = {
@@ -59,14 +59,24 @@ type Device<Role extends string> = {
 /** Defines a device, letting TypeScript learn the roles of its files from `files`. */
 const device = <Role extends string = never>(definition: Device<Role>): Device<Role> => definition;
 
+/**
+ * The accelerator and the CPU model that goes with it: the host's own CPU
+ * under KVM; under TCG the richest model QEMU emulates, since a stock guest
+ * kernel expects a modern CPU (the default qemu64 lacks what Debian's needs),
+ * with one host thread per virtual CPU.
+ */
+const ACCEL_ARGS = {
+  kvm: ["-accel", "kvm", "-cpu", "host"],
+  tcg: ["-accel", "tcg,thread=multi", "-cpu", "max"],
+} as const;
+
 /** What the guest is: its name, accelerator, memory and CPUs, and nothing QEMU would add by default. */
 const machine = device({
   files: {},
   args: (vm) => [
     "-name",
     `guest=${value(vm.id)},process=aetherscale-${value(vm.id)}`,
-    "-accel",
-    vm.accel,
+    ...ACCEL_ARGS[vm.accel],
     "-nodefaults",
     "-display",
     "none",
@@ -84,6 +94,25 @@ const disk = device({
   files: { disk: "disk.qcow2" },
   create: ({ qemuImg, basePath }, paths) => createOverlay(qemuImg, basePath, paths.disk),
   args: (_vm, paths) => ["-drive", `file=${value(paths.disk)},if=virtio,format=qcow2`],
+});
+
+/**
+ * The cloud-init NoCloud seed: a read-only ISO labelled `cidata` holding
+ * meta-data (instance id and host name = the VM id, SSH keys) and user-data
+ * (the init script). Made once, when the VM is created, and kept, so every
+ * boot shows the guest the same instance and cloud-init runs its first-boot
+ * steps only once.
+ */
+const seed = device({
+  files: { userData: "user-data", metaData: "meta-data", seedIso: "seed.iso" },
+  create: ({ spec, genisoimage }, paths) =>
+    writeSeed(
+      genisoimage,
+      paths,
+      seedDocuments({ vmId: spec.id, sshKeys: spec.sshKeys ?? [], initScript: spec.initScript }),
+    ),
+  present: (vm) => vm.seed,
+  args: (_vm, paths) => ["-drive", `file=${value(paths.seedIso)},if=virtio,format=raw,readonly=on`],
 });
 
 /** The value of `-netdev user,...` for this network. */
@@ -144,29 +173,35 @@ const daemon = device({
   args: (_vm, paths) => ["-pidfile", paths.pidFile, "-daemonize"],
 });
 
-/** The user's init script, handed to the guest as a firmware config file. */
-const initScript = device({
-  files: { initScript: "init-script" },
-  create: async ({ spec }, paths) => {
-    if (spec.initScript !== undefined) {
-      await writeFile(paths.initScript, spec.initScript, { mode: 0o600 });
-    }
-  },
-  present: (vm) => vm.initScript,
-  // fw_cfg rather than a second drive: the guest reads it from
-  // /sys/firmware/qemu_fw_cfg/by_name/opt/aetherscale/init-script/raw, and its
-  // disk numbering stays the same with or without a script.
+/** The channel to qemu-guest-agent inside the guest, which reports its IP addresses. */
+const guestAgent = device({
+  files: { qgaSocket: "qga.sock" },
   args: (_vm, paths) => [
-    "-fw_cfg",
-    `name=opt/aetherscale/init-script,file=${value(paths.initScript)}`,
+    "-chardev",
+    `socket,id=qga,path=${value(paths.qgaSocket)},server=on,wait=off`,
+    "-device",
+    // addr: past the slots in use, so the NIC and the disks keep theirs (see DEVICES).
+    "virtio-serial-pci,id=vser0,addr=0x8",
+    "-device",
+    "virtserialport,bus=vser0.0,chardev=qga,name=org.qemu.guest_agent.0",
   ],
+});
+
+/**
+ * A panic device (ISA, no PCI slot): a guest kernel that panics tells QEMU,
+ * which then holds the VM in its `guest-panicked` state instead of rebooting
+ * it, so the driver can record why the VM died.
+ */
+const panic = device({
+  files: {},
+  args: () => ["-device", "pvpanic", "-action", "panic=pause"],
 });
 
 /**
  * Every device, in command-line order; the order is part of the guest's
  * hardware. QEMU hands out PCI slots in the order it meets devices, every
  * -device before the -drive if=virtio disks (today: the NIC in slot 2, the
- * disk in slot 3). The guest names its NIC after its slot (enp0s2) and the
+ * disk in slot 3, the seed in slot 4, the guest agent's serial bus in slot 8). The guest names its NIC after its slot (enp0s2) and the
  * firmware boots from the first disk. So a new disk goes after the system disk
  * (before it, the guest would boot from the seed), and a new -device goes at
  * the end with an explicit PCI address past those in use (`addr=0x8`):
@@ -174,7 +209,17 @@ const initScript = device({
  * it renames the NIC inside every existing guest. The first -serial is the
  * guest's ttyS0, where its kernel logs.
  */
-export const DEVICES = [machine, disk, network, qmp, serialConsole, daemon, initScript] as const;
+export const DEVICES = [
+  machine,
+  disk,
+  seed,
+  network,
+  qmp,
+  serialConsole,
+  daemon,
+  guestAgent,
+  panic,
+] as const;
 
 type RoleOf<D> = D extends Device<infer Role> ? Role : never;
 type FileRole = RoleOf<(typeof DEVICES)[number]>;

@@ -2,7 +2,8 @@
 // /dev/kvm, running qemu-img, and reading what /proc says about a process.
 import { spawn } from "node:child_process";
 import { accessSync, constants } from "node:fs";
-import { open, readFile } from "node:fs/promises";
+import { access, open, readFile } from "node:fs/promises";
+import { join } from "node:path";
 import * as v from "valibot";
 import { withTimeout } from "../_utils.ts";
 import { HypervisorError } from "../errors.ts";
@@ -10,7 +11,7 @@ import { HypervisorError } from "../errors.ts";
 export const DEFAULT_QEMU_BINARY = "qemu-system-x86_64";
 export const DEFAULT_QEMU_IMG = "qemu-img";
 const INSTALL_HINT =
-  "Install QEMU with scripts/install-qemu.sh (Debian: qemu-system-x86 qemu-utils)";
+  "Install what the qemu driver runs with scripts/install-qemu.sh (Debian: qemu-system-x86 qemu-utils genisoimage)";
 
 /** Resolves a program name on PATH (or checks an explicit path); throws a HypervisorError naming it. */
 export const findExecutable = (program: string): string => {
@@ -45,6 +46,91 @@ export const kvmUsable = async (devicePath = "/dev/kvm"): Promise<boolean> => {
   } catch {
     return false;
   }
+};
+
+export type AccelChoice = "auto" | "kvm" | "tcg";
+
+export type AccelProbe = {
+  /** The KVM device QEMU would open. */
+  kvmDevice: string;
+  /** Where the kernel lists its loaded modules; a test points it at a tree of its own. */
+  sysModuleDir: string;
+};
+
+export const DEFAULT_ACCEL_PROBE: AccelProbe = {
+  kvmDevice: "/dev/kvm",
+  sysModuleDir: "/sys/module",
+};
+
+/** KVM modules that run a stock guest kernel; kvm_pvm (a nested, paravirtual KVM) does not. */
+const REAL_KVM_MODULES = ["kvm_intel", "kvm_amd"];
+const UNFIT_KVM_MODULES = ["kvm_pvm"];
+
+export type AccelDecision = {
+  accel: "kvm" | "tcg";
+  /** Why, in words for the agent's log. */
+  reason: string;
+};
+
+const moduleLoaded = async (sysModuleDir: string, name: string): Promise<boolean> => {
+  try {
+    await access(join(sysModuleDir, name));
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+/**
+ * The accelerator a choice comes to on this host. `auto` takes KVM only where
+ * it can run a real guest: /dev/kvm opens read-write AND kvm_intel or kvm_amd
+ * is loaded AND kvm_pvm is not (on kvm-pvm hosts firmware runs but a stock
+ * kernel dies in QEMU's internal-error state); else TCG. `kvm` insists, and
+ * is an error only where /dev/kvm cannot be opened at all.
+ */
+export const chooseAccelerator = async (
+  choice: AccelChoice,
+  probe: AccelProbe = DEFAULT_ACCEL_PROBE,
+): Promise<AccelDecision> => {
+  if (choice === "tcg") return { accel: "tcg", reason: "--accel tcg" };
+  const opens = await kvmUsable(probe.kvmDevice);
+  const [real, unfit] = await Promise.all([
+    Promise.all(REAL_KVM_MODULES.map((name) => moduleLoaded(probe.sysModuleDir, name))),
+    Promise.all(UNFIT_KVM_MODULES.map((name) => moduleLoaded(probe.sysModuleDir, name))),
+  ]);
+  const realModule = REAL_KVM_MODULES.find((_, index) => real[index]);
+  const unfitModule = UNFIT_KVM_MODULES.find((_, index) => unfit[index]);
+  if (choice === "kvm") {
+    if (!opens) {
+      throw new HypervisorError(
+        `KVM was required (--accel kvm), but ${probe.kvmDevice} cannot be opened read-write`,
+        {
+          hint: "Load the kvm_intel or kvm_amd module and give the agent access to /dev/kvm, or use --accel tcg or auto",
+        },
+      );
+    }
+    return {
+      accel: "kvm",
+      reason:
+        unfitModule === undefined
+          ? "--accel kvm"
+          : `--accel kvm, although ${unfitModule} is loaded: guests may die in QEMU's internal-error state`,
+    };
+  }
+  if (!opens) return { accel: "tcg", reason: `${probe.kvmDevice} cannot be opened read-write` };
+  if (unfitModule !== undefined) {
+    return {
+      accel: "tcg",
+      reason: `${probe.kvmDevice} opens, but it is ${unfitModule}, which cannot run a stock guest kernel`,
+    };
+  }
+  if (realModule === undefined) {
+    return {
+      accel: "tcg",
+      reason: `${probe.kvmDevice} opens, but neither kvm_intel nor kvm_amd is loaded (${probe.sysModuleDir})`,
+    };
+  }
+  return { accel: "kvm", reason: `${probe.kvmDevice} opens and ${realModule} is loaded` };
 };
 
 export type ToolResult = {
@@ -150,7 +236,7 @@ export const readCmdline = async (pid: number): Promise<string[] | null> => {
   }
 };
 
-/** Whether a pid names a running process: one that exists and is not a zombie. */ /** Reads a pid file QEMU wrote; null when it is missing or does not hold a pid. */
+/** Reads a pid file QEMU wrote; null when it is missing or does not hold a pid. */
 export const readPidFile = async (pidFile: string): Promise<number | null> => {
   try {
     const text = (await readFile(pidFile, "utf8")).trim();

@@ -70,7 +70,15 @@ describe("HostHandler", () => {
     const topology = agentTopology("h1");
     expect(topology.competingKeys).toEqual(["create-vm"]);
     expect([...topology.hostKeys].sort()).toEqual(
-      ["delete-vm", "list-hosts", "list-vms", "start-vm", "stop-vm", "vm-info"].sort(),
+      [
+        "delete-vm",
+        "list-hosts",
+        "list-vms",
+        "start-vm",
+        "stop-vm",
+        "vm-info",
+        "vm-console",
+      ].sort(),
     );
   });
 

@@ -17,7 +17,7 @@ const vm = (extra: Partial<QemuVm> = {}): QemuVm => ({
   cpus: 2,
   accel: "kvm",
   network: OPEN_NETWORK,
-  initScript: false,
+  seed: false,
   ...extra,
 });
 
@@ -28,36 +28,60 @@ const optionsOf = (args: string[]) => args.filter((arg) => arg.startsWith("-"));
 const argAfter = (args: string[], option: string) => args[args.indexOf(option) + 1];
 
 describe("QEMU arguments from devices", () => {
-  test("a VM gets every device, in this order, exactly as the driver has always started QEMU", () => {
-    expect(qemuArguments(vm(), filesIn(DIR))).toEqual([
+  test("a VM gets every device, in this order", () => {
+    expect(qemuArguments(vm({ seed: true }), filesIn(DIR))).toEqual([
       ...["-name", "guest=abcdefgh,process=aetherscale-abcdefgh"],
-      ...["-accel", "kvm", "-nodefaults", "-display", "none", "-monitor", "none"],
+      ...["-accel", "kvm", "-cpu", "host", "-nodefaults", "-display", "none", "-monitor", "none"],
       ...["-m", "512", "-smp", "2"],
       ...["-drive", `file=${DIR}/disk.qcow2,if=virtio,format=qcow2`],
+      ...["-drive", `file=${DIR}/seed.iso,if=virtio,format=raw,readonly=on`],
       ...["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile="],
       ...["-chardev", `socket,id=qmp,path=${DIR}/qmp.sock,server=on,wait=off`],
       ...["-mon", "chardev=qmp,mode=control"],
       ...["-chardev", `file,id=console,path=${DIR}/console.log,append=on`],
       ...["-serial", "chardev:console"],
       ...["-pidfile", `${DIR}/qemu.pid`, "-daemonize"],
+      ...["-chardev", `socket,id=qga,path=${DIR}/qga.sock,server=on,wait=off`],
+      ...["-device", "virtio-serial-pci,id=vser0,addr=0x8"],
+      ...["-device", "virtserialport,bus=vser0.0,chardev=qga,name=org.qemu.guest_agent.0"],
+      ...["-device", "pvpanic", "-action", "panic=pause"],
     ]);
   });
 
-  test("the init-script device is there only when the VM has a script, and comes last", () => {
-    const without = qemuArguments(vm({ initScript: false }), filesIn(DIR));
-    const withScript = qemuArguments(vm({ initScript: true }), filesIn(DIR));
-    expect(without).not.toContain("-fw_cfg");
-    expect(withScript).toEqual([
-      ...without,
-      "-fw_cfg",
-      `name=opt/aetherscale/init-script,file=${DIR}/init-script`,
+  test("the seed is a read-only drive right after the system disk, and only when the VM has one", () => {
+    const without = qemuArguments(vm({ seed: false }), filesIn(DIR));
+    const withSeed = qemuArguments(vm({ seed: true }), filesIn(DIR));
+    expect(without.join(" ")).not.toContain("seed.iso");
+    const disks = withSeed.filter((_, i) => withSeed[i - 1] === "-drive");
+    // The firmware boots from the first disk: the seed must never come before it.
+    expect(disks).toEqual([
+      `file=${DIR}/disk.qcow2,if=virtio,format=qcow2`,
+      `file=${DIR}/seed.iso,if=virtio,format=raw,readonly=on`,
+    ]);
+    expect(withSeed.filter((arg) => !without.includes(arg))).toEqual([disks[1] ?? ""]);
+    // No fw_cfg hand-over any more: the init script travels in the seed.
+    expect(withSeed).not.toContain("-fw_cfg");
+  });
+
+  test("the guest agent's serial bus has a fixed PCI address, past the NIC's and the disks'", () => {
+    const args = qemuArguments(vm(), filesIn(DIR));
+    const devices = args.filter((_, i) => args[i - 1] === "-device");
+    // The NIC is the one PCI device QEMU places by itself; the serial bus is pinned.
+    expect(devices).toEqual([
+      "virtio-net-pci,netdev=net0,romfile=",
+      "virtio-serial-pci,id=vser0,addr=0x8",
+      "virtserialport,bus=vser0.0,chardev=qga,name=org.qemu.guest_agent.0",
+      "pvpanic",
     ]);
   });
 
-  test("the accelerator, memory and CPUs are the VM's; nothing else moves", () => {
+  test("KVM runs the host's CPU; TCG runs QEMU's richest model on one thread per vCPU", () => {
     const kvm = qemuArguments(vm(), filesIn(DIR));
     const tcg = qemuArguments(vm({ accel: "tcg", memory: 96, cpus: 1 }), filesIn(DIR));
-    expect(argAfter(tcg, "-accel")).toBe("tcg");
+    expect(argAfter(kvm, "-accel")).toBe("kvm");
+    expect(argAfter(kvm, "-cpu")).toBe("host");
+    expect(argAfter(tcg, "-accel")).toBe("tcg,thread=multi");
+    expect(argAfter(tcg, "-cpu")).toBe("max");
     expect(argAfter(tcg, "-m")).toBe("96");
     expect(argAfter(tcg, "-smp")).toBe("1");
     expect(optionsOf(tcg)).toEqual(optionsOf(kvm));
@@ -65,20 +89,17 @@ describe("QEMU arguments from devices", () => {
 
   test("commas in the VM's directory are doubled inside key=value options, never in -pidfile", () => {
     const dir = "/srv/a,b/vms,x/abcdefgh";
-    const args = qemuArguments(vm({ initScript: true }), filesIn(dir));
+    const args = qemuArguments(vm({ seed: true }), filesIn(dir));
     const escaped = "/srv/a,,b/vms,,x/abcdefgh";
     expect(argAfter(args, "-drive")).toBe(`file=${escaped}/disk.qcow2,if=virtio,format=qcow2`);
+    expect(args).toContain(`file=${escaped}/seed.iso,if=virtio,format=raw,readonly=on`);
     expect(args).toContain(`socket,id=qmp,path=${escaped}/qmp.sock,server=on,wait=off`);
+    expect(args).toContain(`socket,id=qga,path=${escaped}/qga.sock,server=on,wait=off`);
     expect(args).toContain(`file,id=console,path=${escaped}/console.log,append=on`);
-    expect(argAfter(args, "-fw_cfg")).toBe(
-      `name=opt/aetherscale/init-script,file=${escaped}/init-script`,
-    );
     // -pidfile takes the path as a plain argument, where a doubled comma would name another file.
     expect(argAfter(args, "-pidfile")).toBe(`${dir}/qemu.pid`);
     // Same devices, same order, whatever the directory is called.
-    expect(optionsOf(args)).toEqual(
-      optionsOf(qemuArguments(vm({ initScript: true }), filesIn(DIR))),
-    );
+    expect(optionsOf(args)).toEqual(optionsOf(qemuArguments(vm({ seed: true }), filesIn(DIR))));
   });
 
   test("forwarded ports and restrict=on go on the user-mode netdev, and nowhere else", () => {
@@ -115,7 +136,10 @@ describe("QEMU arguments from devices", () => {
       qmpSocket: `${DIR}/qmp.sock`,
       consoleLog: `${DIR}/console.log`,
       pidFile: `${DIR}/qemu.pid`,
-      initScript: `${DIR}/init-script`,
+      qgaSocket: `${DIR}/qga.sock`,
+      seedIso: `${DIR}/seed.iso`,
+      userData: `${DIR}/user-data`,
+      metaData: `${DIR}/meta-data`,
     });
   });
 });

@@ -1,8 +1,10 @@
 // Simulated VMs inside the agent's own process: for fleet-scale simulation and
-// for developing without QEMU. They have no process, disk or console. Nothing
+// for developing without QEMU. They have no process, disk, console or guest
+// (so no guest agent to ask: vm-info leaves `guest` out). Nothing
 // is kept: every VM the host's records say is running is taken to be running,
 // so a restarted agent finds its VMs running again, as a qemu host would.
 import { sleep } from "../../_utils.ts";
+import type { Accelerator, GuestInfo } from "../../protocol/messages.ts";
 import type { RunInfo, StopOptions, VmDriver, VmSpec } from "../driver.ts";
 
 const FAKE_RUN: RunInfo = { pid: null, accelerator: "fake", disk: null, consoleLog: null };
@@ -37,7 +39,15 @@ export class FakeDriver implements VmDriver {
     return FAKE_RUN;
   }
 
-  onUnexpectedExit(_listener: (vmId: string) => void): void {}
+  async guestInfo(_spec: VmSpec): Promise<GuestInfo | undefined> {
+    return undefined;
+  }
+
+  async accelerator(): Promise<Accelerator> {
+    return "fake";
+  }
+
+  onUnexpectedExit(_listener: (vmId: string, reason: string) => void): void {}
 
   async close(): Promise<void> {}
 }

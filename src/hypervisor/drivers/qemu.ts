@@ -8,20 +8,33 @@ import { basename, resolve } from "node:path";
 import { Deadline, KeyedLock, messageOf, pollUntil, sleep, withTimeout } from "../../_utils.ts";
 import { HypervisorError } from "../../errors.ts";
 import { logger } from "../../log.ts";
-import type { Accelerator } from "../../protocol/messages.ts";
-import type { RunInfo, StopOptions, VmDriver, VmSpec } from "../driver.ts";
+import type { Accelerator, GuestInfo } from "../../protocol/messages.ts";
+import { DEFAULT_GENISOIMAGE } from "../cloud-init.ts";
+import {
+  HostPortTakenError,
+  type RunInfo,
+  type StopOptions,
+  type VmDriver,
+  type VmSpec,
+} from "../driver.ts";
+import { guestIps, queryGuestInterfaces } from "../guest-agent.ts";
 import {
   createDeviceFiles,
   filesIn,
   OPEN_NETWORK,
   qemuArguments,
+  type UserNetwork,
   type VmFiles,
 } from "../qemu-devices.ts";
 import {
+  type AccelChoice,
+  type AccelDecision,
+  type AccelProbe,
+  chooseAccelerator,
+  DEFAULT_ACCEL_PROBE,
   DEFAULT_QEMU_BINARY,
   DEFAULT_QEMU_IMG,
   findExecutable,
-  kvmUsable,
   readCmdline,
   readPidFile,
   runTool,
@@ -31,14 +44,19 @@ import { QmpClient } from "../qmp.ts";
 
 const log = logger.withTag("qemu");
 
-export type QemuAccelChoice = "auto" | "kvm" | "tcg";
+export type QemuAccelChoice = AccelChoice;
 
 export type QemuDriverOptions = {
   /** Program name on PATH or a path; default `qemu-system-x86_64`. */
   qemuBinary?: string;
   /** Program name on PATH or a path; default `qemu-img`. */
   qemuImg?: string;
-  /** `auto` (the default) uses KVM when /dev/kvm can be opened and QEMU starts with it, else TCG. */
+  /** Program name on PATH or a path; default `genisoimage` (makes the cloud-init seed). */
+  genisoimage?: string;
+  /**
+   * `auto` (the default) uses KVM where it can run a real guest (see
+   * chooseAccelerator) and QEMU starts with it, else TCG.
+   */
   accel?: QemuAccelChoice;
   /** How often an attached VM's process is checked for a death nobody asked for. */
   pollIntervalMs?: number;
@@ -46,13 +64,18 @@ export type QemuDriverOptions = {
   bootTimeoutMs?: number;
   /** The KVM device to probe; a test can point this elsewhere to force TCG. */
   kvmDevice?: string;
+  /** Where loaded kernel modules are listed (/sys/module); a test can point this at a tree of its own. */
+  sysModuleDir?: string;
+  /** How long vm-info waits for the guest agent. */
+  guestAgentTimeoutMs?: number;
 };
 
-export type QemuProbe = {
-  qemuBinary: string;
-  qemuImg: string;
+type Programs = { qemuBinary: string; qemuImg: string; genisoimage: string };
+
+export type QemuProbe = Programs & {
   version: string;
-  kvmUsable: boolean;
+  /** The accelerator VMs will get, and why. */
+  accel: AccelDecision;
 };
 
 type Attachment = {
@@ -67,6 +90,12 @@ type Attachment = {
   detached: boolean;
 };
 
+/** Run states from which a guest never comes back by itself: the VM is dead though QEMU lives. */
+const FATAL_RUN_STATES = new Set(["internal-error", "guest-panicked"]);
+/** Run states a booting VM must not end in. */
+const FAILED_BOOT_STATES = new Set([...FATAL_RUN_STATES, "shutdown", "io-error"]);
+
+const DEFAULT_GUEST_AGENT_TIMEOUT_MS = 1000;
 const QUIT_GRACE_MS = 3000;
 const TERM_GRACE_MS = 3000;
 const KILL_GRACE_MS = 5000;
@@ -96,7 +125,28 @@ const waitForExit = (pid: number, pidFile: string, timeoutMs: number): Promise<b
 
 const acceleratorFromCmdline = (cmdline: readonly string[]): Accelerator => {
   const index = cmdline.indexOf("-accel");
-  return cmdline[index + 1] === "kvm" ? "kvm" : "tcg";
+  return cmdline[index + 1]?.split(",")[0] === "kvm" ? "kvm" : "tcg";
+};
+
+/** The VM's network as QEMU's user-mode netdev takes it. */
+const userNetwork = (spec: VmSpec): UserNetwork => {
+  const network = spec.network;
+  if (network === undefined) return OPEN_NETWORK;
+  return {
+    forwards: network.forwards.map((forward) => ({
+      protocol: "tcp",
+      hostAddress: network.address,
+      hostPort: forward.host,
+      guestPort: forward.guest,
+    })),
+    restrict: network.isolated,
+  };
+};
+
+/** The host port of the forward QEMU could not bind, from its error output. */
+const takenPort = (stderr: string): number | null => {
+  const match = /Could not set up host forwarding rule '(?:tcp|udp):[^:']*:(\d+)-/.exec(stderr);
+  return match?.[1] === undefined ? null : Number(match[1]);
 };
 
 export class QemuDriver implements VmDriver {
@@ -104,25 +154,36 @@ export class QemuDriver implements VmDriver {
   private readonly accel: QemuAccelChoice;
   private readonly pollIntervalMs: number;
   private readonly bootTimeoutMs: number;
-  private readonly kvmDevice: string;
+  private readonly accelProbe: AccelProbe;
+  private readonly guestAgentTimeoutMs: number;
   private readonly qemuBinaryOption: string;
   private readonly qemuImgOption: string;
-  private resolvedPrograms: { qemuBinary: string; qemuImg: string } | null = null;
+  private readonly genisoimageOption: string;
+  private resolvedPrograms: Programs | null = null;
+  /** Decided once, at the first boot or probe: the host's KVM does not change under a running agent. */
+  private decided: AccelDecision | null = null;
+  /** The guest-agent query in flight per VM: the channel takes one client at a time. */
+  private readonly guestQueries = new Map<string, Promise<GuestInfo>>();
   private readonly attachments = new Map<string, Attachment>();
   /** One operation of a VM at a time, so that e.g. a stop cannot race a destroy. */
   private readonly vmLocks = new KeyedLock();
-  private exitListener: ((vmId: string) => void) | null = null;
+  private exitListener: ((vmId: string, reason: string) => void) | null = null;
 
   constructor(options: QemuDriverOptions = {}) {
     this.qemuBinaryOption = options.qemuBinary ?? DEFAULT_QEMU_BINARY;
     this.qemuImgOption = options.qemuImg ?? DEFAULT_QEMU_IMG;
+    this.genisoimageOption = options.genisoimage ?? DEFAULT_GENISOIMAGE;
     this.accel = options.accel ?? "auto";
     this.pollIntervalMs = options.pollIntervalMs ?? 1000;
     this.bootTimeoutMs = options.bootTimeoutMs ?? 30_000;
-    this.kvmDevice = options.kvmDevice ?? "/dev/kvm";
+    this.accelProbe = {
+      kvmDevice: options.kvmDevice ?? DEFAULT_ACCEL_PROBE.kvmDevice,
+      sysModuleDir: options.sysModuleDir ?? DEFAULT_ACCEL_PROBE.sysModuleDir,
+    };
+    this.guestAgentTimeoutMs = options.guestAgentTimeoutMs ?? DEFAULT_GUEST_AGENT_TIMEOUT_MS;
   }
 
-  /** Finds the QEMU programs and checks KVM; an agent calls this at start to fail early. */
+  /** Finds the programs (QEMU, qemu-img, genisoimage) and decides the accelerator; an agent calls this at start to fail early. */
   async probe(): Promise<QemuProbe> {
     const programs = this.programs();
     const result = await runTool([programs.qemuBinary, "--version"], { timeoutMs: 10_000 });
@@ -134,8 +195,36 @@ export class QemuDriver implements VmDriver {
     return {
       ...programs,
       version: result.stdout.split("\n")[0]?.trim() ?? "",
-      kvmUsable: await kvmUsable(this.kvmDevice),
+      accel: await this.decision(),
     };
+  }
+
+  async accelerator(): Promise<Accelerator> {
+    return (await this.decision()).accel;
+  }
+
+  guestInfo(spec: VmSpec): Promise<GuestInfo> {
+    const attachment = this.attachments.get(spec.id);
+    if (attachment === undefined) return Promise.resolve({ agent: false, ips: [] });
+    // One query per VM at a time; a second caller shares the one in flight
+    // rather than queueing behind it, so a silent guest costs each caller one timeout at most.
+    const inFlight = this.guestQueries.get(spec.id);
+    if (inFlight !== undefined) return inFlight;
+    const query = queryGuestInterfaces(attachment.files.qgaSocket, {
+      timeoutMs: this.guestAgentTimeoutMs,
+      label: `VM ${spec.id}`,
+    }).then(
+      (interfaces): GuestInfo => ({ agent: true, ips: guestIps(interfaces) }),
+      (error: unknown): GuestInfo => {
+        log.debug(`VM ${spec.id}: no answer from its guest agent: ${messageOf(error)}`);
+        return { agent: false, ips: [] };
+      },
+    );
+    this.guestQueries.set(spec.id, query);
+    void query.finally(() => {
+      if (this.guestQueries.get(spec.id) === query) this.guestQueries.delete(spec.id);
+    });
+    return query;
   }
 
   create(spec: VmSpec): Promise<RunInfo> {
@@ -154,7 +243,8 @@ export class QemuDriver implements VmDriver {
       // mkdir's mode only applies to a directory it makes; the VM's files are nobody else's business.
       await chmod(files.dir, 0o700);
       try {
-        await createDeviceFiles({ spec, basePath, qemuImg: this.programs().qemuImg }, files);
+        const { qemuImg, genisoimage } = this.programs();
+        await createDeviceFiles({ spec, basePath, qemuImg, genisoimage }, files);
         return await this.boot(spec, files);
       } catch (error) {
         // A VM that never ran leaves nothing behind, so the same create can be tried again.
@@ -212,7 +302,7 @@ export class QemuDriver implements VmDriver {
     return this.vmLocks.run(spec.id, () => this.findRunning(spec, vmFiles(spec), pid));
   }
 
-  onUnexpectedExit(listener: (vmId: string) => void): void {
+  onUnexpectedExit(listener: (vmId: string, reason: string) => void): void {
     this.exitListener = listener;
   }
 
@@ -222,12 +312,19 @@ export class QemuDriver implements VmDriver {
     await Promise.allSettled(closing);
   }
 
-  private programs(): { qemuBinary: string; qemuImg: string } {
+  private programs(): Programs {
     this.resolvedPrograms ??= {
       qemuBinary: findExecutable(this.qemuBinaryOption),
       qemuImg: findExecutable(this.qemuImgOption),
+      genisoimage: findExecutable(this.genisoimageOption),
     };
     return this.resolvedPrograms;
+  }
+
+  /** The accelerator decision, made once; a refusal (--accel kvm without KVM) is not kept, so it is retried. */
+  private async decision(): Promise<AccelDecision> {
+    this.decided ??= await chooseAccelerator(this.accel, this.accelProbe);
+    return this.decided;
   }
 
   /** The VM's files, after checking its directory is its own: destroy removes that directory whole. */
@@ -283,30 +380,29 @@ export class QemuDriver implements VmDriver {
         disk: files.disk,
         consoleLog: files.consoleLog,
       };
-      this.attach(spec.id, files, candidate, qmp, run);
+      const attachment = this.attach(spec.id, files, candidate, qmp, run);
       log.info(`re-attached to VM ${spec.id} (pid ${candidate}, ${accelerator})`);
+      // A guest that died while no agent watched is ended and reported now.
+      void this.checkRunState(attachment);
       return run;
     }
     return null;
   }
 
-  /** Boots the VM from its disk, with KVM if it can and TCG otherwise. */
+  /** Boots the VM from its disk with the host's accelerator; auto falls back to TCG if QEMU refuses KVM. */
   private async boot(spec: VmSpec, files: VmFiles): Promise<RunInfo> {
-    const kvmOpens = this.accel !== "tcg" && (await kvmUsable(this.kvmDevice));
-    if (this.accel === "kvm" && !kvmOpens) {
-      throw new HypervisorError(
-        `VM ${spec.id}: KVM was required, but ${this.kvmDevice} cannot be opened read-write`,
-        {
-          hint: "Load the kvm module and give the agent access to /dev/kvm, or use --accel tcg/auto",
-        },
-      );
-    }
-    if (!kvmOpens) return this.launch(spec, files, "tcg");
+    const { accel } = await this.decision().catch((error: unknown) => {
+      throw new HypervisorError(`VM ${spec.id}: ${messageOf(error)}`, {
+        hint: error instanceof HypervisorError ? error.hint : undefined,
+        cause: error,
+      });
+    });
+    if (accel === "tcg") return this.launch(spec, files, "tcg");
     try {
       return await this.launch(spec, files, "kvm");
     } catch (error) {
-      if (this.accel === "kvm") throw error;
-      // /dev/kvm opening is not proof: nested or restricted KVM can still make QEMU fail at start.
+      if (this.accel === "kvm" || error instanceof HostPortTakenError) throw error;
+      // Even a KVM that looks right can make QEMU fail at start (nested or restricted hosts).
       log.warn(`VM ${spec.id}: QEMU did not start with KVM, trying TCG: ${messageOf(error)}`);
       return this.launch(spec, files, "tcg");
     }
@@ -317,7 +413,7 @@ export class QemuDriver implements VmDriver {
     spec: VmSpec,
     files: VmFiles,
     accel: "kvm" | "tcg",
-    withInitScript: boolean,
+    withSeed: boolean,
   ): string[] {
     return qemuArguments(
       {
@@ -325,8 +421,8 @@ export class QemuDriver implements VmDriver {
         memory: spec.memory,
         cpus: spec.cpus,
         accel,
-        network: OPEN_NETWORK,
-        initScript: withInitScript,
+        network: userNetwork(spec),
+        seed: withSeed,
       },
       files,
     );
@@ -339,7 +435,7 @@ export class QemuDriver implements VmDriver {
     const { qemuBinary } = this.programs();
     await rm(files.qmpSocket, { force: true });
     await rm(files.pidFile, { force: true });
-    const args = this.qemuArguments(spec, files, accel, await exists(files.initScript));
+    const args = this.qemuArguments(spec, files, accel, await exists(files.seedIso));
     log.debug(`VM ${spec.id}: ${qemuBinary} ${args.join(" ")}`);
     const daemonized = await this.spawnDaemon(spec.id, qemuBinary, args).catch(
       async (error: unknown) => {
@@ -350,6 +446,13 @@ export class QemuDriver implements VmDriver {
       },
     );
     if (daemonized.code !== 0) {
+      const port = takenPort(daemonized.stderr);
+      if (port !== null) {
+        throw new HostPortTakenError(
+          `QEMU could not start VM ${spec.id}: host port ${port} (${spec.network?.address ?? "?"}) is taken by another program`,
+          port,
+        );
+      }
       throw new HypervisorError(
         `QEMU could not start VM ${spec.id} (${accel}): ${tailOf(daemonized.stderr) || `exit code ${daemonized.code}, signal ${daemonized.signal}`}`,
         { hint: `See the QEMU arguments with --verbose; the VM's files are in ${files.dir}` },
@@ -450,7 +553,7 @@ export class QemuDriver implements VmDriver {
       async () => {
         const reply = await qmp.queryStatus();
         status = reply.status;
-        if (["shutdown", "guest-panicked", "internal-error", "io-error"].includes(status)) {
+        if (FAILED_BOOT_STATES.has(status)) {
           throw new HypervisorError(`VM ${vmId} stopped while booting: QEMU reports ${status}`);
         }
         return reply.running;
@@ -471,7 +574,7 @@ export class QemuDriver implements VmDriver {
     pid: number,
     qmp: QmpClient | null,
     run: RunInfo,
-  ): void {
+  ): Attachment {
     const previous = this.attachments.get(vmId);
     if (previous !== undefined) {
       previous.expectingExit = true;
@@ -491,6 +594,7 @@ export class QemuDriver implements VmDriver {
     attachment.poll.unref();
     if (qmp !== null) this.watchQmp(attachment, qmp);
     this.attachments.set(vmId, attachment);
+    return attachment;
   }
 
   private watchQmp(attachment: Attachment, qmp: QmpClient): void {
@@ -500,12 +604,52 @@ export class QemuDriver implements VmDriver {
           `VM ${attachment.vmId} is shutting down (${String(event.data?.reason ?? "no reason given")})`,
         );
       }
+      // How QEMU says the guest stopped; whether for good, query-status tells.
+      if (event.event === "STOP" || event.event === "GUEST_PANICKED") {
+        void this.checkRunState(attachment);
+      }
     });
     qmp.onClose((info) => {
       if (info.byClient) return;
       if (attachment.qmp === qmp) attachment.qmp = null;
       void this.checkAlive(attachment);
     });
+  }
+
+  /**
+   * Ends a VM whose guest is in a state it never leaves by itself
+   * (internal-error, guest-panicked): its QEMU is killed and the VM reported
+   * dead with that reason, rather than left looking like it runs.
+   */
+  private async checkRunState(attachment: Attachment): Promise<void> {
+    const qmp = attachment.qmp;
+    if (qmp === null || attachment.detached || attachment.expectingExit) return;
+    const status = await qmp.queryStatus({ timeoutMs: 5000 }).catch(() => null);
+    if (status === null || !FATAL_RUN_STATES.has(status.status)) return;
+    await this.vmLocks.run(attachment.vmId, async () => {
+      if (attachment.detached || attachment.expectingExit) return;
+      attachment.expectingExit = true;
+      const { vmId, pid, files } = attachment;
+      const reason =
+        status.status === "internal-error"
+          ? `the guest stopped in QEMU's internal-error state under ${attachment.run.accelerator} (the accelerator could not run it; try the agent with --accel tcg); QEMU was killed`
+          : "the guest kernel panicked (QEMU's guest-panicked state); QEMU was killed";
+      log.warn(`VM ${vmId}: ${reason}`);
+      await this.signal(pid, files, "SIGKILL");
+      await waitForExit(pid, files.pidFile, KILL_GRACE_MS);
+      await rm(files.qmpSocket, { force: true });
+      await rm(files.pidFile, { force: true });
+      await this.detach(attachment);
+      this.report(vmId, reason);
+    });
+  }
+
+  private report(vmId: string, reason: string): void {
+    try {
+      this.exitListener?.(vmId, reason);
+    } catch (error) {
+      log.error(`The listener for VM ${vmId}'s exit failed: ${messageOf(error)}`);
+    }
   }
 
   /** Reports the VM if its process is gone and nobody here asked for that. */
@@ -515,11 +659,10 @@ export class QemuDriver implements VmDriver {
     if (attachment.detached || attachment.expectingExit) return;
     log.warn(`VM ${attachment.vmId} (pid ${attachment.pid}) exited without being asked to`);
     await this.detach(attachment);
-    try {
-      this.exitListener?.(attachment.vmId);
-    } catch (error) {
-      log.error(`The listener for VM ${attachment.vmId}'s exit failed: ${messageOf(error)}`);
-    }
+    this.report(
+      attachment.vmId,
+      `QEMU (pid ${attachment.pid}) exited without being asked to; its console log is ${attachment.files.consoleLog}`,
+    );
   }
 
   private async detach(attachment: Attachment): Promise<void> {
