@@ -21,6 +21,7 @@ import { resolve } from "node:path";
 import { figure5 } from "./figures/cli.ts";
 import { figure3 } from "./figures/create.ts";
 import { figure2 } from "./figures/gather.ts";
+import { figure8 } from "./figures/guest.ts";
 import { figure7 } from "./figures/memory.ts";
 import { figure4 } from "./figures/qemu.ts";
 import { figure6 } from "./figures/scale.ts";
@@ -32,7 +33,7 @@ import { setFromSource, setProfileDir } from "./lib/fleet.ts";
 import { runOnce } from "./lib/procs.ts";
 import { markdownTable, notesText, type Row, textTable } from "./lib/report.ts";
 
-const FIGURES: Figure[] = [figure1, figure2, figure3, figure4, figure5, figure6, figure7];
+const FIGURES: Figure[] = [figure1, figure2, figure3, figure4, figure5, figure6, figure7, figure8];
 
 type Args = {
   json: boolean;
