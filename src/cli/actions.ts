@@ -135,7 +135,7 @@ export const vmConsole = (
 /** Logs in with the user's `ssh`; the run's exit code is ssh's. */
 export const vmSsh = async (
   vmId: string,
-  flags: ClientFlags & { user?: string },
+  flags: ClientFlags & { user?: string; identity?: string },
   command: string[],
 ): Promise<void> => {
   const request = vmRequest("vm-info", vmId);
@@ -158,6 +158,7 @@ export const vmSsh = async (
   const code = await runSsh({
     target: loginTarget(reply.response),
     user: flags.user ?? DEFAULT_SSH_USER,
+    identity: flags.identity,
     command,
     knownHostsFile: sshKnownHostsFile(),
   });

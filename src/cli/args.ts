@@ -145,6 +145,11 @@ export const sshArgs = {
     description: "User to log in as (default debian, the demo image's cloud-init user)",
     valueHint: "name",
   },
+  identity: {
+    type: "string",
+    description: "Private key to log in with (ssh -i), when it is not one ssh tries by itself",
+    valueHint: "file",
+  },
   ...restArg,
 } as const satisfies ArgsDef;
 

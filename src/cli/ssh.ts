@@ -50,6 +50,8 @@ export const sshKnownHostsFile = (env = process.env, home = homedir()): string =
 export type SshLogin = {
   target: SshTarget;
   user: string;
+  /** A private key to log in with (`ssh -i`); ssh's own choice when absent. */
+  identity?: string | undefined;
   /** What to run instead of a login shell; empty for one. */
   command: string[];
   knownHostsFile: string;
@@ -68,6 +70,7 @@ export const sshArguments = (login: SshLogin): string[] => [
   `UserKnownHostsFile=${oneFile(login.knownHostsFile)}`,
   "-o",
   "StrictHostKeyChecking=accept-new",
+  ...(login.identity === undefined ? [] : ["-i", login.identity]),
   "--",
   `${login.user}@${login.target.address}`,
   ...login.command,

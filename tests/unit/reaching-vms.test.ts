@@ -275,6 +275,17 @@ describe("vm ssh: the ssh command line", () => {
     expect(args.slice(-7)).toEqual(["--", "root@10.1.2.3", "ls", "-la", "/tmp/a b", "--", "-v"]);
   });
 
+  test("--identity becomes ssh's -i, before the destination", () => {
+    const args = sshArguments({
+      target: TARGET,
+      user: "debian",
+      identity: "/keys/id_ed25519",
+      command: ["true"],
+      knownHostsFile: "/k",
+    });
+    expect(args.slice(-5)).toEqual(["-i", "/keys/id_ed25519", "--", "debian@127.0.0.1", "true"]);
+  });
+
   test("a known_hosts path with a space stays one file", () => {
     const args = sshArguments({
       target: TARGET,
