@@ -19,17 +19,37 @@ fi
 
 bash scripts/install-qemu.sh
 
-# Tools some tests use: iproute2 (`ip`) puts an agent in a network namespace
-# of its own; openssl makes the certificates of the TLS test.
-ensure_tool() {
-  if command -v "$1" >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then return 0; fi
-  say "installing $2 ($1)"
-  { as_root apt-get update -qq &&
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2"; } ||
-    say "could not install $2; the tests that need $1 will fail or be skipped"
+# Tools the tests and the guest image use, installed together (one apt-get
+# update) when any is missing: iproute2 (`ip`) puts an agent in a network
+# namespace of its own; openssl makes the certificates of the TLS test;
+# openssh-client (ssh, ssh-keygen) logs into guests; mmdebstrap, fdisk
+# (sfdisk), e2fsprogs (mkfs.ext4) and grub-pc-bin (grub-mkimage, boot.img)
+# build the guest image (scripts/build-guest-image.sh).
+missing_packages=()
+want() { # want COMMAND-OR-PATH PACKAGE
+  if [ -e "$1" ] || command -v "$1" >/dev/null 2>&1; then return 0; fi
+  missing_packages+=("$2")
 }
-ensure_tool ip iproute2
-ensure_tool openssl openssl
+want ip iproute2
+want openssl openssl
+want ssh openssh-client
+want ssh-keygen openssh-client
+want mmdebstrap mmdebstrap
+want /usr/sbin/sfdisk fdisk
+want /usr/sbin/mkfs.ext4 e2fsprogs
+want grub-mkimage grub-common
+want /usr/lib/grub/i386-pc/boot.img grub-pc-bin
+if [ "${#missing_packages[@]}" -gt 0 ]; then
+  read -r -a missing_packages <<<"$(printf '%s\n' "${missing_packages[@]}" | sort -u | tr '\n' ' ')"
+  if command -v apt-get >/dev/null 2>&1; then
+    say "installing ${missing_packages[*]}"
+    { as_root apt-get update -qq &&
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing_packages[@]}"; } ||
+      say "could not install ${missing_packages[*]}; the guest image build and the tests that need them will fail"
+  else
+    say "missing ${missing_packages[*]} and apt-get is not available: install them with your package manager"
+  fi
+fi
 
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! broker_up; then
