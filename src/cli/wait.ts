@@ -35,15 +35,27 @@ export type Verdict =
   | { kind: "waiting"; for: string }
   /** The guest is up: knock on its SSH port, then judge again with the answer. */
   | { kind: "probe"; target: SshTarget }
-  | { kind: "reachable"; target: SshTarget }
+  | {
+      kind: "reachable";
+      target: SshTarget;
+      /** Said on stderr: reachable, though not every sign was seen. */
+      note?: string;
+    }
   /** It will not become reachable by waiting longer. */
   | { kind: "failed"; message: string; hint?: string };
 
 /**
- * What a look at the VM (and, once the guest is up, whether its SSH port gave
- * a banner) means for the wait.
+ * How long SSH must answer while the guest agent stays silent before SSH alone
+ * counts: an image without qemu-guest-agent (many cloud images) must not make
+ * --wait run into its limit.
  */
-export const judge = (vmId: string, look: Look, banner?: boolean): Verdict => {
+export const AGENTLESS_GRACE_MS = 20_000;
+
+/**
+ * What a look at the VM (and whether its SSH port gave a banner, once asked;
+ * and for how long it has while the guest agent stayed silent) means for the wait.
+ */
+export const judge = (vmId: string, look: Look, banner?: boolean, sshAloneMs = 0): Verdict => {
   switch (look.kind) {
     case "gone":
       return { kind: "failed", message: `VM ${vmId} does not exist (any more)` };
@@ -82,11 +94,21 @@ export const judge = (vmId: string, look: Look, banner?: boolean): Verdict => {
       hint: "Its host's agent may be older than this client: upgrade aetherscale there.",
     };
   }
+  if (banner === undefined) return { kind: "probe", target };
   // A host that does not report guest agents (no `guest`) leaves SSH as the only sign.
   if (info.guest !== undefined && !info.guest.agent) {
-    return { kind: "waiting", for: `the guest agent of VM ${vmId} to answer (the guest boots)` };
+    if (!banner) {
+      return { kind: "waiting", for: `the guest agent of VM ${vmId} to answer (the guest boots)` };
+    }
+    if (sshAloneMs < AGENTLESS_GRACE_MS) {
+      return { kind: "waiting", for: `the guest agent of VM ${vmId} to answer (SSH does already)` };
+    }
+    return {
+      kind: "reachable",
+      target,
+      note: `note: the guest agent of VM ${vmId} does not answer (is qemu-guest-agent installed in its image?); its SSH does, so it counts as reachable`,
+    };
   }
-  if (banner === undefined) return { kind: "probe", target };
   if (!banner) {
     return { kind: "waiting", for: `SSH of VM ${vmId} at ${target.address}:${target.port}` };
   }
@@ -138,6 +160,8 @@ export const waitUntilReachable = async (
 ): Promise<SshTarget> => {
   const deadline = new Deadline(waitMs);
   let verdict: Verdict = { kind: "waiting", for: `the host of VM ${vmId} to answer` };
+  /** Since when SSH has answered while the guest agent stayed silent. */
+  let sshAloneSince: number | null = null;
   const request = vmRequest("vm-info", vmId);
   const settled = withFleet(settings, (fleet) =>
     pollUntil(
@@ -146,7 +170,14 @@ export const waitUntilReachable = async (
         verdict = judge(vmId, look);
         if (verdict.kind === "probe") {
           const banner = await probeSshBanner(verdict.target, Math.min(PROBE_MS, deadline.left));
-          verdict = judge(vmId, look, banner);
+          const agentSilent = look.kind === "info" && look.info.guest?.agent === false;
+          sshAloneSince = banner && agentSilent ? (sshAloneSince ?? Date.now()) : null;
+          verdict = judge(
+            vmId,
+            look,
+            banner,
+            sshAloneSince === null ? 0 : Date.now() - sshAloneSince,
+          );
         }
         return verdict.kind === "reachable" || verdict.kind === "failed";
       },
@@ -160,7 +191,10 @@ export const waitUntilReachable = async (
   );
   // TypeScript cannot see the callback above assign it.
   const final = verdict as Verdict;
-  if (final.kind === "reachable") return final.target;
+  if (final.kind === "reachable") {
+    if (final.note) process.stderr.write(`${final.note}\n`);
+    return final.target;
+  }
   if (final.kind === "failed") {
     throw new AetherError(final.message, { hint: final.hint, exitCode: EXIT.failed });
   }

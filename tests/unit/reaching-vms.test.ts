@@ -15,7 +15,14 @@ import {
   sshKnownHostsFile,
   sshTargetOf,
 } from "../../src/cli/ssh.ts";
-import { judge, type Look, lookFrom, probeSshBanner, type Verdict } from "../../src/cli/wait.ts";
+import {
+  AGENTLESS_GRACE_MS,
+  judge,
+  type Look,
+  lookFrom,
+  probeSshBanner,
+  type Verdict,
+} from "../../src/cli/wait.ts";
 import { UsageError } from "../../src/errors.ts";
 import type { HostReply, Outcome } from "../../src/fleet.ts";
 import type { CommandName, ConsoleTail, Response, VmInfo } from "../../src/protocol/messages.ts";
@@ -101,7 +108,7 @@ describe("--wait: what each look at the VM means", () => {
         info(),
         info(),
       ],
-      [false, true],
+      [false, false, true],
     );
     expect(verdicts).toEqual([
       { kind: "waiting", for: `VM ${ID} to be created` },
@@ -111,11 +118,17 @@ describe("--wait: what each look at the VM means", () => {
     ]);
   });
 
-  test("the SSH port is only knocked on once the guest agent answers", () => {
-    expect(judge(ID, lookFrom(info({ guest: { agent: false, ips: [] } })))).toMatchObject({
+  test("a guest whose agent stays silent while SSH answers counts as reachable after a grace", () => {
+    const look = lookFrom(info({ guest: { agent: false, ips: [] } }));
+    expect(judge(ID, look)).toEqual({ kind: "probe", target: TARGET });
+    expect(judge(ID, look, false)).toMatchObject({ kind: "waiting" });
+    expect(judge(ID, look, true, 0)).toEqual({
       kind: "waiting",
+      for: `the guest agent of VM ${ID} to answer (SSH does already)`,
     });
-    expect(judge(ID, lookFrom(info()))).toEqual({ kind: "probe", target: TARGET });
+    const late = judge(ID, look, true, AGENTLESS_GRACE_MS);
+    expect(late).toMatchObject({ kind: "reachable", target: TARGET });
+    expect(late.kind === "reachable" && late.note).toContain("qemu-guest-agent");
   });
 
   test("a host that does not report a guest agent leaves SSH as the only sign", () => {
