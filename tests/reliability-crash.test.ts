@@ -72,11 +72,18 @@ const crashDuringCreates = async (s: Scenario) => {
   if (s.driver === "qemu") {
     await run(["qemu-img", "create", "-f", "qcow2", join(images, "base.qcow2"), "64M"]);
   }
-  const start = (hostId: string) =>
-    Agent.start({ url: vhost.url, hostId, imagesDir: images, driver: s.driver, extra: s.extra });
-  const victim = await start(`${s.driver}-victim`);
+  // Two agents on one machine: each its own ports, as an operator would set them.
+  const start = (hostId: string, ports: string) =>
+    Agent.start({
+      url: vhost.url,
+      hostId,
+      imagesDir: images,
+      driver: s.driver,
+      extra: [...s.extra, "--port-range", ports],
+    });
+  const victim = await start(`${s.driver}-victim`, "23000-23499");
   agents.push(victim);
-  const witness = await start(`${s.driver}-witness`);
+  const witness = await start(`${s.driver}-witness`, "23500-23999");
   agents.push(witness);
   const client = await FleetClient.connect({ url: vhost.url, timeoutMs: 120_000 });
 

@@ -193,7 +193,7 @@ describe("broadcasts gather one answer per live host", () => {
     const list = await cli(["vm", "list"], { url: vhost.url });
     const vms = await allVms();
     const rows = list.stdout.trim().split("\n");
-    expect(rows[0]).toMatch(/^VM ID\s+HOST\s+STATUS\s+IMAGE\s+MEMORY\s+CPUS\s+CREATED$/);
+    expect(rows[0]).toMatch(/^VM ID\s+HOST\s+STATUS\s+IMAGE\s+MEMORY\s+CPUS\s+SSH PORT\s+CREATED$/);
     expect(rows).toHaveLength(vms.length + 1);
   });
 });
