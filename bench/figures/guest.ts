@@ -45,6 +45,8 @@ const sshBanner = (port: number): Promise<boolean> =>
     };
     socket.setTimeout(3000, () => done(false));
     socket.once("error", () => done(false));
+    // QEMU's forward accepts before the guest listens, then closes: no data, no error.
+    socket.once("close", () => done(false));
     socket.once("data", (data) => done(data.toString("latin1").startsWith("SSH-")));
   });
 
@@ -58,6 +60,7 @@ const guestAgentPing = (path: string): Promise<boolean> =>
     };
     socket.setTimeout(1000, () => done(false));
     socket.once("error", () => done(false));
+    socket.once("close", () => done(false));
     socket.on("data", (data) => {
       if (data.toString("utf8").includes('"return"')) done(true);
     });
