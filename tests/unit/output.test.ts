@@ -11,8 +11,8 @@ import {
   vmDetails,
   vmTable,
 } from "../../src/cli/views.ts";
-import type { HostReply, Outcome } from "../../src/fleet.ts";
-import type { CommandName, HostInfo, Response, VmRecord } from "../../src/protocol/messages.ts";
+import type { HostInfo, VmRecord } from "../../src/protocol/messages.ts";
+import { hostError, hostOk, outcomeOf } from "../support/outcomes.ts";
 
 const record = (id: string, host: string, createdAt: string): VmRecord => ({
   "vm-id": id,
@@ -39,40 +39,12 @@ const hostInfo = (host: string): HostInfo => ({
   images: ["base", "alpine"],
 });
 
-const ok = <C extends CommandName>(host: string, response: Response<C>): HostReply<C> => ({
-  ok: true,
-  host,
-  response,
-  raw: { "execution-info": { status: "success", host }, response },
-});
-
-const error = <C extends CommandName>(host: string, reason: string): HostReply<C> => ({
-  ok: false,
-  host,
-  reason,
-  raw: { "execution-info": { status: "error", reason, host } },
-});
-
-const outcome = <C extends CommandName>(
-  command: C,
-  replies: HostReply<C>[],
-  more: Partial<Outcome<C>> = {},
-): Outcome<C> => ({
-  command,
-  replies,
-  expected: replies.length,
-  missing: 0,
-  unrouted: false,
-  silent: [],
-  ...more,
-});
-
 const human = { json: false, timeoutMs: 10_000 };
 const json = { json: true, timeoutMs: 10_000 };
 
 describe("vm list", () => {
-  const list = outcome("list-vms", [
-    ok("h2", [
+  const list = outcomeOf("list-vms", [
+    hostOk("h2", [
       {
         ...record("bbbbbbbb", "h2", "2024-01-02T00:00:00.000Z"),
         forwards: [
@@ -81,7 +53,7 @@ describe("vm list", () => {
         ],
       },
     ]),
-    ok("h1", [
+    hostOk("h1", [
       record("cccccccc", "h1", "2024-01-03T00:00:00.000Z"),
       record("aaaaaaaa", "h1", "2024-01-01T10:20:30.000Z"),
     ]),
@@ -109,12 +81,12 @@ describe("vm list", () => {
   });
 
   test("no VMs anywhere is said in one line", () => {
-    const empty = outcome("list-vms", [ok("h1", []), ok("h2", [])]);
+    const empty = outcomeOf("list-vms", [hostOk("h1", []), hostOk("h2", [])]);
     expect(report(empty, { ...human, view: vmTable }).stdout).toBe("No VMs on 2 host(s).\n");
   });
 
   test("a host that stayed silent: the others' answers, a warning naming it, exit 3", () => {
-    const short = outcome("list-vms", list.replies, { expected: 3, missing: 1, silent: ["h3"] });
+    const short = outcomeOf("list-vms", list.replies, { expected: 3, missing: 1, silent: ["h3"] });
     const out = report(short, { ...human, view: vmTable });
     expect(out.exitCode).toBe(EXIT.noAnswer);
     expect(out.stdout).toStartWith("VM ID");
@@ -122,7 +94,7 @@ describe("vm list", () => {
   });
 
   test("when the silent host is unknown, the ones that answered are named", () => {
-    const short = outcome("list-vms", list.replies, { expected: 3, missing: 1 });
+    const short = outcomeOf("list-vms", list.replies, { expected: 3, missing: 1 });
     const out = report(short, { ...human, timeoutMs: 2500, view: vmTable });
     expect(out.stderr).toBe(
       "warning: 1 of 3 hosts did not answer within 2.5 s (answered: h1, h2)\n",
@@ -134,7 +106,7 @@ describe("vm list", () => {
   });
 
   test("an error reply wins over a silent host: exit 1", () => {
-    const mixed = outcome("list-vms", [ok("h1", []), error("h2", "disk full")], {
+    const mixed = outcomeOf("list-vms", [hostOk("h1", []), hostError("h2", "disk full")], {
       expected: 3,
       missing: 1,
     });
@@ -147,8 +119,12 @@ describe("vm list", () => {
 
 describe("a command to one VM", () => {
   test("success: one line naming the VM, the status and the host", () => {
-    const stopped = outcome("stop-vm", [
-      ok("h1", { status: "stopped", "vm-id": "abcdefgh", hint: 'VM "abcdefgh" was not running' }),
+    const stopped = outcomeOf("stop-vm", [
+      hostOk("h1", {
+        status: "stopped",
+        "vm-id": "abcdefgh",
+        hint: 'VM "abcdefgh" was not running',
+      }),
     ]);
     const out = report(stopped, { ...human, view: statusLines });
     expect(out).toEqual({
@@ -159,7 +135,7 @@ describe("a command to one VM", () => {
   });
 
   test("an error reply: one line on stderr naming the host, exit 1; --json keeps the reply", () => {
-    const refused = outcome("start-vm", [error("h1", "The VM is being deleted")]);
+    const refused = outcomeOf("start-vm", [hostError("h1", "The VM is being deleted")]);
     const out = report(refused, { ...human, view: statusLines });
     expect(out).toEqual({
       stdout: "",
@@ -175,7 +151,7 @@ describe("a command to one VM", () => {
   });
 
   test("no host holds the VM: VM does not exist, exit 1, and --json prints []", () => {
-    const unrouted = outcome("vm-info", [], { expected: 1, unrouted: true });
+    const unrouted = outcomeOf("vm-info", [], { expected: 1, unrouted: true });
     expect(report(unrouted, { ...human, view: vmDetails })).toEqual({
       stdout: "",
       stderr: "error: VM does not exist\n",
@@ -189,7 +165,7 @@ describe("a command to one VM", () => {
   });
 
   test("the host did not answer in time: exit 3, nothing made up", () => {
-    const frozen = outcome("vm-info", [], { expected: 1, missing: 1 });
+    const frozen = outcomeOf("vm-info", [], { expected: 1, missing: 1 });
     const options = {
       view: vmDetails,
       noAnswer: "the host of VM abcdefgh did not answer the vm-info",
@@ -206,7 +182,7 @@ describe("a command to one VM", () => {
   });
 
   test("a reply that was no valid one is an error, and not printed as if it were", () => {
-    const garbled = outcome("vm-info", [
+    const garbled = outcomeOf("vm-info", [
       { ok: false, host: "h1", reason: "Host h1 sent an invalid vm-info response: …", raw: null },
     ]);
     const asJson = report(garbled, { ...json, view: vmDetails });
@@ -216,7 +192,9 @@ describe("a command to one VM", () => {
   });
 
   test("vm info: one field a line", () => {
-    const info = outcome("vm-info", [ok("h1", record("abcdefgh", "h1", "2024-01-01T00:00:00Z"))]);
+    const info = outcomeOf("vm-info", [
+      hostOk("h1", record("abcdefgh", "h1", "2024-01-01T00:00:00Z")),
+    ]);
     const text = report(info, { ...human, view: vmDetails }).stdout;
     expect(text).toStartWith("vm-id:       abcdefgh\nhost:        h1\nstatus:      running\n");
     expect(text).toContain("memory:      2 GiB\n");
@@ -238,7 +216,7 @@ describe("a command to one VM", () => {
       address: "127.0.0.1",
       guest: { agent: true, ips: ["10.0.2.15", "fec0::5054:ff:fe12:3456"] },
     };
-    const text = report(outcome("vm-info", [ok("h1", guest)]), {
+    const text = report(outcomeOf("vm-info", [hostOk("h1", guest)]), {
       ...human,
       view: vmDetails,
     }).stdout;
@@ -247,7 +225,7 @@ describe("a command to one VM", () => {
     expect(text).toContain("guest-agent: answers\n");
     expect(text).toContain("guest-ips:   10.0.2.15, fec0::5054:ff:fe12:3456\n");
     const booting = { ...guest, isolated: false, guest: { agent: false, ips: [] } };
-    const early = report(outcome("vm-info", [ok("h1", booting)]), {
+    const early = report(outcomeOf("vm-info", [hostOk("h1", booting)]), {
       ...human,
       view: vmDetails,
     }).stdout;
@@ -259,7 +237,7 @@ describe("a command to one VM", () => {
 
   test("vm console: the text as the console wrote it, one line end at the end", () => {
     const tail = (data: string) =>
-      outcome("vm-console", [ok("h1", { "vm-id": "abcdefgh", offset: 0, end: 9, data })]);
+      outcomeOf("vm-console", [hostOk("h1", { "vm-id": "abcdefgh", offset: 0, end: 9, data })]);
     expect(report(tail("a\nlogin: "), { ...human, view: consoleText }).stdout).toBe("a\nlogin: \n");
     expect(report(tail("a\nb\n"), { ...human, view: consoleText }).stdout).toBe("a\nb\n");
     expect(report(tail(""), { ...human, view: consoleText }).stdout).toBe("");
@@ -272,7 +250,7 @@ describe("a command to one VM", () => {
   });
 
   test("create: a broker return means no agent received it", () => {
-    const out = report(outcome("create-vm", [], { expected: 1, unrouted: true }), {
+    const out = report(outcomeOf("create-vm", [], { expected: 1, unrouted: true }), {
       ...human,
       view: statusLines,
     });
@@ -284,7 +262,7 @@ describe("a command to one VM", () => {
 describe("hosts", () => {
   test("a table by host name, limits shown as used/max", () => {
     const h2 = { ...hostInfo("h2"), driver: "qemu", accelerator: "tcg", address: "192.0.2.7" };
-    const hosts = outcome("list-hosts", [ok("h2", h2), ok("h1", hostInfo("h1"))]);
+    const hosts = outcomeOf("list-hosts", [hostOk("h2", h2), hostOk("h1", hostInfo("h1"))]);
     const lines = report(hosts, { ...human, view: hostsTable })
       .stdout.trim()
       .split("\n");

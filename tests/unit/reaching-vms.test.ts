@@ -24,8 +24,9 @@ import {
   type Verdict,
 } from "../../src/cli/wait.ts";
 import { UsageError } from "../../src/errors.ts";
-import type { HostReply, Outcome } from "../../src/fleet.ts";
+import type { Outcome } from "../../src/fleet.ts";
 import type { CommandName, ConsoleTail, Response, VmInfo } from "../../src/protocol/messages.ts";
+import { hostError, hostOk, outcomeOf } from "../support/outcomes.ts";
 
 const ID = "abcdefgh";
 
@@ -52,38 +53,11 @@ const vm = (more: Partial<VmInfo> = {}): VmInfo => ({
   ...more,
 });
 
-const ok = <C extends CommandName>(response: Response<C>): HostReply<C> => ({
-  ok: true,
-  host: "h1",
-  response,
-  raw: { "execution-info": { status: "success", host: "h1" }, response },
-});
-
-const outcome = <C extends CommandName>(
-  command: C,
-  replies: HostReply<C>[],
-  more: Partial<Outcome<C>> = {},
-): Outcome<C> => ({
-  command,
-  replies,
-  expected: 1,
-  missing: 0,
-  unrouted: false,
-  silent: [],
-  ...more,
-});
-
+const ok = <C extends CommandName>(response: Response<C>) => hostOk<C>("h1", response);
 const refused = <C extends CommandName>(command: C, reason: string): Outcome<C> =>
-  outcome(command, [
-    {
-      ok: false,
-      host: "h1",
-      reason,
-      raw: { "execution-info": { status: "error", reason, host: "h1" } },
-    },
-  ]);
+  outcomeOf(command, [hostError<C>("h1", reason)]);
 
-const info = (more: Partial<VmInfo> = {}) => outcome("vm-info", [ok<"vm-info">(vm(more))]);
+const info = (more: Partial<VmInfo> = {}) => outcomeOf("vm-info", [ok<"vm-info">(vm(more))]);
 const TARGET: SshTarget = { vmId: ID, address: "127.0.0.1", port: 22001 };
 
 describe("--wait: what each look at the VM means", () => {
@@ -157,7 +131,7 @@ describe("--wait: what each look at the VM means", () => {
 
   test("a VM deleted while waited for ends the wait: unrouted, or a host that lost it", () => {
     const gone: Verdict = { kind: "failed", message: `VM ${ID} does not exist (any more)` };
-    expect(judge(ID, lookFrom(outcome("vm-info", [], { unrouted: true })))).toEqual(gone);
+    expect(judge(ID, lookFrom(outcomeOf("vm-info", [], { unrouted: true })))).toEqual(gone);
     expect(judge(ID, lookFrom(refused("vm-info", "VM does not exist")))).toEqual(gone);
   });
 
@@ -171,7 +145,7 @@ describe("--wait: what each look at the VM means", () => {
   });
 
   test("a silent host is waited for; another error reply ends the wait naming it", () => {
-    expect(judge(ID, lookFrom(outcome("vm-info", [], { missing: 1 })))).toEqual({
+    expect(judge(ID, lookFrom(outcomeOf("vm-info", [], { missing: 1 })))).toEqual({
       kind: "waiting",
       for: `the host of VM ${ID} to answer`,
     });
@@ -200,8 +174,8 @@ describe("--wait: what each look at the VM means", () => {
     ];
     expect([
       lookFrom(info()),
-      lookFrom(outcome("vm-info", [], { unrouted: true })),
-      lookFrom(outcome("vm-info", [], { missing: 1 })),
+      lookFrom(outcomeOf("vm-info", [], { unrouted: true })),
+      lookFrom(outcomeOf("vm-info", [], { missing: 1 })),
       lookFrom(refused("vm-info", "boom")),
     ]).toEqual(expected);
   });
@@ -360,7 +334,7 @@ describe("vm console", () => {
   });
 
   const tail = (offset: number, end: number, data: string) =>
-    outcome("vm-console", [ok<"vm-console">({ "vm-id": ID, offset, end, data } as ConsoleTail)]);
+    outcomeOf("vm-console", [ok<"vm-console">({ "vm-id": ID, offset, end, data } as ConsoleTail)]);
 
   test("following: new text, and where to ask from next", () => {
     expect(followStep(tail(100, 130, "login: "), 100)).toMatchObject({
@@ -382,9 +356,11 @@ describe("vm console", () => {
   });
 
   test("a deleted VM ends the follow; a silent host does not; other errors do", () => {
-    expect(followStep(outcome("vm-console", [], { unrouted: true }), 0)).toEqual({ kind: "gone" });
+    expect(followStep(outcomeOf("vm-console", [], { unrouted: true }), 0)).toEqual({
+      kind: "gone",
+    });
     expect(followStep(refused("vm-console", "VM does not exist"), 0)).toEqual({ kind: "gone" });
-    expect(followStep(outcome("vm-console", [], { missing: 1 }), 0)).toEqual({ kind: "silent" });
+    expect(followStep(outcomeOf("vm-console", [], { missing: 1 }), 0)).toEqual({ kind: "silent" });
     expect(followStep(refused("vm-console", "no console log"), 0)).toEqual({
       kind: "failed",
       reason: "no console log (host h1)",
