@@ -153,14 +153,11 @@ export class HostHandler implements MessageHandler {
   }
 
   private encode(response: unknown): Buffer {
-    if (!(response instanceof RawJson)) {
-      return Buffer.from(encodeReply(successReply(this.host.id, response)));
-    }
-    let body = this.encoded.get(response);
-    if (body === undefined) {
-      body = Buffer.from(encodeReply(successReply(this.host.id, response)));
-      this.encoded.set(response, body);
-    }
+    const cacheable = response instanceof RawJson;
+    const cached = cacheable ? this.encoded.get(response) : undefined;
+    if (cached !== undefined) return cached;
+    const body = Buffer.from(encodeReply(successReply(this.host.id, response)));
+    if (cacheable) this.encoded.set(response, body);
     return body;
   }
 }
