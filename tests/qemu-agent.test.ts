@@ -60,7 +60,8 @@ const info = async (id: string): Promise<Vm> => {
 
 const create = async (extra: string[] = []): Promise<string> => {
   const result = await cliJson(
-    ["vm", "create", "--image", "base", "--memory", "128", ...extra],
+    // Isolated, like every guest a test boots: nothing may leave this machine.
+    ["vm", "create", "--image", "base", "--memory", "128", "--isolated", ...extra],
     vhost.url,
     60,
   );

@@ -95,7 +95,10 @@ const crashDuringCreates = async (s: Scenario) => {
       for (let i = 0; i < s.maxCreates && (i < s.minCreates || !killsDone); i++) {
         outcomes.push(
           client
-            .create({ command: "create-vm", options: { image: "base", memory: s.memory } })
+            .create({
+              command: "create-vm",
+              options: { image: "base", memory: s.memory, isolated: true },
+            })
             .then(({ replies: [reply] }) => {
               if (reply === undefined) return { i, status: "missing" };
               return reply.ok

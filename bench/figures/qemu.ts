@@ -108,6 +108,8 @@ const run = async (ctx: Context): Promise<Row[]> => {
     dir: join(root, id),
     memory: 256,
     cpus: 1,
+    // Isolated, as every guest the bench boots: nothing may leave this machine.
+    network: { address: "127.0.0.1", forwards: [], isolated: true },
   });
   const accelerators = new Set<string>();
   const kvm = await kvmUsable();
