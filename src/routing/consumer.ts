@@ -164,7 +164,10 @@ export class AgentConsumer {
     this.options = options;
     this.hostId = options.topology.hostId;
     this.where = redactUrl(options.url);
-    this.replies = new ReplyLine(() => this.dial(`aetherscale agent ${this.hostId} replies`));
+    this.replies = new ReplyLine(
+      (lane) => this.dial(`aetherscale agent ${this.hostId} ${lane}`),
+      hostQueue(this.hostId),
+    );
   }
 
   /** Connects and starts consuming; an unreachable broker is retried, a refusal is fatal. */
@@ -249,11 +252,9 @@ export class AgentConsumer {
       }
       model.on("close", () => this.onClosed(current));
       await declareAgentTopology(ops, this.options.topology);
-      await this.rebind(ops);
-      await consume.prefetch(this.options.competingPrefetch ?? 8);
-      const competing = await consume.consume(COMPETING_QUEUE, (msg) =>
-        this.dispatch(current, msg),
-      );
+      // The host's identity first: its queue, consumed exclusively. A second
+      // agent with the same host id fails here, before it has bound a route
+      // or taken a single message from the shared queue.
       await consume.prefetch(this.options.hostPrefetch ?? 32);
       const own = await consume
         .consume(hostQueue(this.hostId), (msg) => this.dispatch(current, msg), {
@@ -272,6 +273,11 @@ export class AgentConsumer {
               )
             : error;
         });
+      await this.rebind(ops);
+      await consume.prefetch(this.options.competingPrefetch ?? 8);
+      const competing = await consume.consume(COMPETING_QUEUE, (msg) =>
+        this.dispatch(current, msg),
+      );
       session.consumerTags = [competing.consumerTag, own.consumerTag];
       this.session = session;
       // A channel the broker closed (e.g. over a publish it refused) leaves the
@@ -284,6 +290,9 @@ export class AgentConsumer {
           void model.close().catch(() => undefined);
         });
       }
+      void this.replies
+        .warmUp()
+        .catch((error: unknown) => log.debug(`reply connection: ${messageOf(error)}`));
       log.info(
         `host ${this.hostId} consuming ${COMPETING_QUEUE} and ${hostQueue(this.hostId)} at ${this.where}`,
       );
@@ -326,6 +335,7 @@ export class AgentConsumer {
   }
 
   private async process(session: Session, msg: ConsumeMessage): Promise<void> {
+    if (this.replies.isProbe(msg)) return this.ack(session, msg);
     const { handler } = this.options;
     const delivery: Delivery = {
       body: msg.content,
