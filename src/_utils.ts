@@ -1,5 +1,5 @@
 import { constants } from "node:fs";
-import { open, rename } from "node:fs/promises";
+import { open, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
 
 // Small helpers every layer shares, each written once: a second copy of a
@@ -138,12 +138,18 @@ export const writeFileAtomic = async (path: string, data: string): Promise<void>
   const temporary = `${path}.${process.pid}.tmp`;
   const file = await open(temporary, "w", 0o600);
   try {
-    await file.writeFile(data);
-    await file.sync();
-  } finally {
-    await file.close();
+    try {
+      await file.writeFile(data);
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+    await rename(temporary, path);
+  } catch (error) {
+    // A half-written copy on a full disk would hold on to the space it took.
+    await unlink(temporary).catch(() => undefined);
+    throw error;
   }
-  await rename(temporary, path);
   const directory = await open(join(path, ".."), constants.O_RDONLY);
   try {
     await directory.sync();

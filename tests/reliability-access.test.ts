@@ -26,10 +26,11 @@ type Permissions = { configure: string; write: string; read: string };
  * (write on the queue, read on the exchange), consumes both queues (read),
  * replies through the default exchange to the client's direct reply-to
  * (write on amq.default) and hands a create-vm it cannot serve back to
- * `computing` (write on the exchange).
+ * `computing` (write on the exchange). Claiming a create's route for the
+ * fleet declares and deletes an exclusive `computing-claim-<route>` (configure).
  */
 const AGENT: Permissions = {
-  configure: "^(computing|computing-competing|computing-host-.+)$",
+  configure: "^(computing|computing-competing|computing-host-.+|computing-claim-.+)$",
   write: "^(computing|computing-competing|computing-host-.+|amq\\.default)$",
   read: "^(computing|computing-competing|computing-host-.+)$",
 };
@@ -38,7 +39,7 @@ const AGENT: Permissions = {
 const agentFor = (hostId: string): Permissions => {
   const own = `computing-host-${hostId.replaceAll(".", "\\.")}`;
   return {
-    configure: `^(computing|computing-competing|${own})$`,
+    configure: `^(computing|computing-competing|${own}|computing-claim-.+)$`,
     write: `^(computing|computing-competing|${own}|amq\\.default)$`,
     read: `^(computing|computing-competing|${own})$`,
   };

@@ -2,7 +2,8 @@
 // message, says by which routes it may come and where a repeat of it lives,
 // maps the request to the host's methods, and encodes the reply. Routing
 // calls it without knowing what a VM is.
-import { CommandError, DeclineError } from "../errors.ts";
+import { createHash } from "node:crypto";
+import { CommandError, DeclineError, StoreError } from "../errors.ts";
 import type { Host } from "../hypervisor/host.ts";
 import { encodeReply, errorReply, RawJson, successReply } from "../protocol/envelope.ts";
 import {
@@ -51,6 +52,13 @@ const allowedRoutes = (request: ParsedRequest, messageId: string | undefined): s
   return routes;
 };
 
+/** Who sent a create and what it asked, hashed: what a repeat of its message id must match. */
+const requestDigest = (userId: string | undefined, options: unknown): string =>
+  createHash("sha256")
+    .update(JSON.stringify([userId ?? null, options]))
+    .digest("base64url")
+    .slice(0, 22);
+
 export class HostHandler implements MessageHandler {
   private readonly host: Host;
   /** A large list is the same object for as long as it does not change; so are its bytes. */
@@ -78,7 +86,7 @@ export class HostHandler implements MessageHandler {
       what: request.command,
       routes: allowedRoutes(request, messageId),
       home,
-      run: (context) => this.run(request, messageId, context),
+      run: (context) => this.run(request, delivery, context),
     };
   }
 
@@ -92,11 +100,11 @@ export class HostHandler implements MessageHandler {
 
   private async run(
     request: ParsedRequest,
-    messageId: string | undefined,
+    delivery: Delivery,
     context: RunContext,
   ): Promise<Outcome> {
     try {
-      return await this.dispatch(request, messageId, context);
+      return await this.dispatch(request, delivery, context);
     } catch (error) {
       if (error instanceof DeclineError && request.command === CREATE_COMMAND) {
         const image = request.options.image;
@@ -108,7 +116,12 @@ export class HostHandler implements MessageHandler {
             kinds.includes("capacity") ? Reasons.noCapacity : Reasons.imageDoesNotExist(image),
         };
       }
-      if (error instanceof CommandError || error instanceof DeclineError) {
+      // A state change the disk refused changed nothing: the user hears why, as is.
+      if (
+        error instanceof CommandError ||
+        error instanceof DeclineError ||
+        error instanceof StoreError
+      ) {
         return { kind: "reply", body: this.errorBody(error.message) };
       }
       throw error;
@@ -117,15 +130,18 @@ export class HostHandler implements MessageHandler {
 
   private async dispatch(
     request: ParsedRequest,
-    messageId: string | undefined,
+    delivery: Delivery,
     context: RunContext,
   ): Promise<Outcome> {
     const host = this.host;
+    const { deadline } = context;
     switch (request.command) {
       case "create-vm": {
         const created = await host.createVm(request.options, {
-          requestId: messageId,
+          requestId: delivery.messageId,
           claim: (vmId) => context.claim(vmRoute(vmId)),
+          deadline,
+          digest: requestDigest(delivery.userId, request.options),
         });
         return this.success(created, { bind: [vmRoute(created["vm-id"])] });
       }
@@ -138,11 +154,11 @@ export class HostHandler implements MessageHandler {
       case "vm-console":
         return this.success(await host.consoleTail(request.options));
       case "start-vm":
-        return this.success(await host.startVm(request.options["vm-id"]));
+        return this.success(await host.startVm(request.options["vm-id"], { deadline }));
       case "stop-vm":
-        return this.success(await host.stopVm(request.options));
+        return this.success(await host.stopVm(request.options, { deadline }));
       case "delete-vm": {
-        const deleted = await host.deleteVm(request.options["vm-id"]);
+        const deleted = await host.deleteVm(request.options["vm-id"], { deadline });
         return this.success(deleted, { unbind: [vmRoute(deleted["vm-id"])] });
       }
     }

@@ -71,6 +71,7 @@ export const createVm = async (flags: CreateFlags & WaitFlags, json: boolean): P
       timeoutMs: settings.timeoutMs,
       view: statusLines,
       noAnswer: "no host answered the create-vm",
+      checkWith: "aetherscale vm list",
     }),
   );
   const created = outcome.replies[0];
@@ -96,6 +97,7 @@ const toVm = async <C extends VmCommand>(
       timeoutMs: settings.timeoutMs,
       view,
       noAnswer: `the host of VM ${vmId} did not answer the ${request.command}`,
+      ...(reads ? {} : { checkWith: `aetherscale vm info ${vmId}` }),
     }),
   );
 };

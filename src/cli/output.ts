@@ -37,6 +37,11 @@ export type ReportOptions<C extends CommandName> = {
    * broadcast, whose missing hosts are counted and, when known, named.
    */
   noAnswer?: string;
+  /**
+   * For a command that changes something: the command that shows whether it
+   * happened, named when no answer came (the outcome is then unknown).
+   */
+  checkWith?: string;
 };
 
 export type Rendered = { stdout: string; stderr: string; exitCode: number };
@@ -72,7 +77,9 @@ const missingLines = <C extends CommandName>(
   if (options.noAnswer !== undefined) {
     return [
       `error: ${options.noAnswer} ${within}`,
-      "It may be frozen or overloaded; a change it was asked for may still be made: check with `aetherscale vm list`.",
+      options.checkWith === undefined
+        ? "It may be frozen or overloaded; try again."
+        : `The outcome is unknown: a host that began it before then finishes it, and none begins it later. Check with \`${options.checkWith}\`.`,
     ];
   }
   const answered = [...new Set(outcome.replies.map((reply) => reply.host).filter(Boolean))].sort();

@@ -65,6 +65,11 @@ export interface VmDriver {
   start(spec: VmSpec): Promise<RunInfo>;
   /** Stops a running VM; resolves once its process is gone. */
   stop(spec: VmSpec, options: StopOptions): Promise<void>;
+  /**
+   * Kills the VM's process now, without waiting for an operation in progress
+   * on it: a graceful stop under way then ends as soon as the process is gone.
+   */
+  kill(spec: VmSpec): Promise<void>;
   /** Kills the VM if it runs and removes every file it has. */
   destroy(spec: VmSpec): Promise<void>;
   /**

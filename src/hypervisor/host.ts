@@ -29,7 +29,7 @@ import {
   portRequests,
   SSH_GUEST_PORT,
 } from "./ports.ts";
-import { StateStore } from "./store.ts";
+import { StateStore, type StoreTransaction } from "./store.ts";
 
 const log = logger.withTag("host");
 
@@ -67,7 +67,17 @@ export type RequestContext = {
    * VM is made: the routing layer binds the VM's route there and then.
    */
   claim?: ((vmId: string) => Promise<void>) | undefined;
+  /** When the client stops waiting (ms since the epoch): work not begun by then is refused. */
+  deadline?: number | undefined;
+  /**
+   * What the request asked and who asked it, hashed: a repeat of a message id
+   * must ask the same, or it is refused rather than given the first VM.
+   */
+  digest?: string | undefined;
 };
+
+/** The part of a request's context a command for an existing VM uses. */
+export type OperationContext = Pick<RequestContext, "deadline">;
 
 const ID_LETTERS = "abcdefghijklmnopqrstuvwxyz";
 const newVmId = (): string => {
@@ -86,6 +96,13 @@ export class Host {
   private readonly startedAt = Date.now();
   /** Per-VM queue of operations, so two commands for one VM never interleave. */
   private readonly vmLocks = new KeyedLock();
+  /** Creates of one message id, one after another: the second finds the first's VM. */
+  private readonly requestLocks = new KeyedLock();
+  /**
+   * The long operation each VM is in the middle of: a command that would
+   * have to wait for it is answered at once instead of holding its message.
+   */
+  private readonly busy = new Map<string, { what: string; done: Promise<unknown> }>();
   private used = { vms: 0, memory: 0 };
   private listCache: RawJson | null = null;
   private readonly ports: PortAllocator;
@@ -197,10 +214,25 @@ export class Host {
     return { "vm-id": vmId, ...read };
   }
 
-  async createVm(options: CreateVmOptions, context: RequestContext): Promise<VmStatusReply> {
+  createVm(options: CreateVmOptions, context: RequestContext): Promise<VmStatusReply> {
+    const { requestId } = context;
+    if (requestId === undefined) return this.createNow(options, context);
+    return this.requestLocks.run(requestId, () => this.createNow(options, context));
+  }
+
+  private async createNow(
+    options: CreateVmOptions,
+    context: RequestContext,
+  ): Promise<VmStatusReply> {
     if (context.requestId !== undefined) {
       const earlier = this.store.byRequestId(context.requestId);
       if (earlier !== undefined) {
+        const digest = earlier["request-digest"];
+        if (digest !== undefined && digest !== context.digest) {
+          throw new CommandError(
+            `Message id ${context.requestId.slice(0, 80)} was already used for another create-vm; nothing was done. Send this request with a new message id`,
+          );
+        }
         log.info(`request ${context.requestId} was redelivered; VM ${earlier["vm-id"]} exists`);
         if (neverRan(earlier)) return this.finishCreate(earlier["vm-id"], options);
         return { status: "starting", "vm-id": earlier["vm-id"] };
@@ -213,6 +245,7 @@ export class Host {
     try {
       // From here to put() nothing awaits, so two creates cannot both take the last slot.
       this.assertCapacity(options.memory);
+      assertInTime(context.deadline, "create-vm");
       return this.putNewVm(options, context, forwards);
     } finally {
       // The record holds them now, or there is no record.
@@ -244,20 +277,26 @@ export class Host {
       "console-log": null,
       ...(options["init-script"] === undefined ? {} : { "init-script": true }),
       ...(context.requestId === undefined ? {} : { "request-id": context.requestId }),
+      ...(context.digest === undefined ? {} : { "request-digest": context.digest }),
       forwards,
       isolated: options.isolated,
     };
-    this.store.put(record);
+    // Listed and counted at once, so that no other create takes this id or the
+    // last slot; gone again, as if never made, when it cannot be written.
+    const creation = this.store.begin();
+    creation.put(record);
     this.account(record, 1);
-    return this.withVm(id, async () => {
+    return this.exclusive(id, "being created", undefined, async () => {
       try {
         await context.claim?.(id);
+        // On disk before QEMU starts, so a crash never leaves a process without a record.
+        await creation.commit();
       } catch (error) {
-        this.forget(id);
+        creation.undo();
+        this.account(record, -1);
+        // Thrown as it is, not as a CommandError: the routing layer then unbinds the claimed route.
         throw error;
       }
-      // On disk before QEMU starts, so a crash never leaves a process without a record.
-      await this.store.flush();
       return this.boot(record, options);
     });
   }
@@ -280,7 +319,7 @@ export class Host {
           `Could not clear the first attempt at VM ${vmId}: ${messageOf(error)}`,
         );
       });
-      await this.save(vmId, { status: "creating" });
+      await this.change(vmId, { status: "creating" });
       return this.boot(record, options);
     });
   }
@@ -294,8 +333,8 @@ export class Host {
       sshKeys: options["ssh-keys"],
     });
     const named = new Set(options.publish.flatMap((publish) => publish.host ?? []));
+    let run: RunInfo;
     try {
-      let run: RunInfo;
       try {
         run = await this.driver.create(firstBoot(record));
       } catch (error) {
@@ -305,27 +344,31 @@ export class Host {
         const moved = await this.replacePort(id, error.hostPort);
         run = await this.driver.create(firstBoot(moved));
       }
-      await this.save(id, { status: "running", ...runFields(run) });
     } catch (error) {
       log.error(`VM ${id} could not be created: ${String(error)}`);
       await this.driver.destroy(this.spec(record)).catch(() => undefined);
+      // Gone from memory at once, as from the host; from the disk as soon as it allows.
       this.forget(id);
-      await this.store.flush();
+      const note = await this.settled();
       throw new CommandError(
-        `Could not create VM from image "${options.image}": ${messageOf(error)}`,
+        `Could not create VM from image "${options.image}": ${messageOf(error)}${note === undefined ? "" : `; ${note}`}`,
       );
     }
-    return { status: "starting", "vm-id": id };
+    // It runs: memory says so even while the disk refuses to.
+    const note = await this.settle(id, { status: "running", ...runFields(run) });
+    return { status: "starting", "vm-id": id, ...asHint(note) };
   }
 
-  async startVm(vmId: string): Promise<VmStatusReply> {
-    return this.withVm(vmId, async () => {
+  async startVm(vmId: string, context: OperationContext = {}): Promise<VmStatusReply> {
+    return this.exclusive(vmId, "starting", context.deadline, async () => {
       const record = this.record(vmId);
       if (record.status === "running") {
         return { status: "starting", "vm-id": vmId, hint: `VM "${vmId}" was already started` };
       }
       this.assertSettled(record);
       const current = await this.withSshForward(record);
+      // Nothing starts that could not be recorded: the disk must take a write first.
+      await this.commit(this.store.begin());
       const run = await this.driver
         .start(this.spec(current))
         .catch(async (error: unknown) => {
@@ -339,44 +382,67 @@ export class Host {
         .catch((error: unknown) => {
           throw new CommandError(`Could not start VM ${vmId}: ${messageOf(error)}`);
         });
-      await this.save(vmId, { status: "running", "last-error": undefined, ...runFields(run) });
-      return { status: "starting", "vm-id": vmId };
+      const note = await this.settle(vmId, {
+        status: "running",
+        "last-error": undefined,
+        ...runFields(run),
+      });
+      return { status: "starting", "vm-id": vmId, ...asHint(note) };
     });
   }
 
-  async stopVm(options: StopVmOptions): Promise<VmStatusReply> {
+  async stopVm(options: StopVmOptions, context: OperationContext = {}): Promise<VmStatusReply> {
     const vmId = options["vm-id"];
     const status = options.kill ? "killed" : "stopped";
-    return this.withVm(vmId, async () => {
+    const busy = this.busy.get(vmId);
+    if (busy?.what === "stopping") {
+      if (!options.kill) {
+        return {
+          status: "stopping",
+          "vm-id": vmId,
+          hint: `VM "${vmId}" is already stopping (its guest has up to ${this.options.stopTimeoutMs / 1000} s to power off); \`vm stop --kill\` ends it at once`,
+        };
+      }
+      // A kill cuts the graceful stop short: that stop then records the VM stopped.
+      await this.driver.kill(this.spec(this.record(vmId))).catch((error: unknown) => {
+        throw new CommandError(`Could not kill VM ${vmId}: ${messageOf(error)}`);
+      });
+      await busy.done.catch(() => undefined);
+      return { status, "vm-id": vmId };
+    }
+    return this.exclusive(vmId, "stopping", context.deadline, async () => {
       const record = this.record(vmId);
       if (record.status === "stopped" || record.status === "crashed") {
         return { status, "vm-id": vmId, hint: `VM "${vmId}" was not running` };
       }
       this.assertSettled(record);
-      await this.save(vmId, { status: "stopping" });
+      // On disk before QEMU is touched: when the disk refuses it, the VM runs on as it was.
+      await this.change(vmId, { status: "stopping" });
       try {
         await this.driver.stop(this.spec(record), {
           kill: options.kill,
           timeoutMs: this.options.stopTimeoutMs,
         });
       } catch (error) {
-        await this.save(vmId, { status: "running", "last-error": messageOf(error) });
+        await this.settle(vmId, { status: "running", "last-error": messageOf(error) });
         throw new CommandError(`Could not stop VM ${vmId}: ${messageOf(error)}`);
       }
-      await this.save(vmId, { status: "stopped", pid: null });
-      return { status, "vm-id": vmId };
+      const note = await this.settle(vmId, { status: "stopped", pid: null });
+      return { status, "vm-id": vmId, ...asHint(note) };
     });
   }
 
-  async deleteVm(vmId: string): Promise<VmStatusReply> {
-    return this.withVm(vmId, async () => {
+  async deleteVm(vmId: string, context: OperationContext = {}): Promise<VmStatusReply> {
+    return this.exclusive(vmId, "being deleted", context.deadline, async () => {
       const record = this.record(vmId);
+      // Not made to wait for the disk first: deleting a VM frees its overlay,
+      // which is often what a full disk needs, and its record's removal then fits.
       await this.driver.destroy(this.spec(record)).catch((error: unknown) => {
         throw new CommandError(`Could not delete VM ${vmId}: ${messageOf(error)}`);
       });
       this.forget(vmId);
-      await this.store.flush();
-      return { status: "deleted", "vm-id": vmId };
+      const note = await this.settled();
+      return { status: "deleted", "vm-id": vmId, ...asHint(note) };
     });
   }
 
@@ -432,7 +498,7 @@ export class Host {
     if (record.forwards !== undefined) return record;
     const forwards = await this.ports.allocate([{ guest: SSH_GUEST_PORT }], this.portsInUse());
     try {
-      await this.save(record["vm-id"], { forwards });
+      await this.change(record["vm-id"], { forwards });
     } finally {
       this.ports.release(forwards);
     }
@@ -455,20 +521,58 @@ export class Host {
     if (replacement === undefined)
       throw new CommandError(`VM ${vmId}: no port to replace ${taken}`);
     try {
-      await this.save(vmId, { forwards: forwards.with(index, replacement) });
+      await this.change(vmId, { forwards: forwards.with(index, replacement) });
     } finally {
       this.ports.release([replacement]);
     }
     return this.record(vmId);
   }
 
-  private async save(vmId: string, changes: Partial<VmRecord>): Promise<void> {
+  /**
+   * Writes a change before it is acted on (a stop about to begin, new ports):
+   * when the disk refuses it, the record is as it was and the error says so.
+   */
+  private async change(vmId: string, changes: Partial<VmRecord>): Promise<void> {
+    const next = this.updated(vmId, changes);
+    if (next === undefined) return;
+    const transaction = this.store.begin();
+    transaction.put(next);
+    await this.commit(transaction);
+  }
+
+  /** Writes a transaction; the disk's refusal is the user's error, and nothing was changed. */
+  private async commit(transaction: StoreTransaction): Promise<void> {
+    await transaction.commit().catch((error: unknown) => {
+      throw new CommandError(messageOf(error));
+    });
+  }
+
+  /**
+   * Records what already happened to the VM (it booted, stopped, died), which
+   * no failed write can undo: memory says so at once, and the store writes it
+   * as soon as the disk allows. Returns a note for the user when not yet written.
+   */
+  private async settle(vmId: string, changes: Partial<VmRecord>): Promise<string | undefined> {
+    const next = this.updated(vmId, changes);
+    if (next !== undefined) this.store.put(next);
+    return this.settled();
+  }
+
+  /** Waits for what happened to be on disk: undefined when it is, else a note for the user. */
+  private settled(): Promise<string | undefined> {
+    return this.store.flush().then(
+      () => undefined,
+      (error: unknown) => `its new state is not on disk yet. ${messageOf(error)}`,
+    );
+  }
+
+  /** The VM's record with these changes; undefined when it has none. */
+  private updated(vmId: string, changes: Partial<VmRecord>): VmRecord | undefined {
     const record = this.store.get(vmId);
-    if (record === undefined) return;
+    if (record === undefined) return undefined;
     const next: VmRecord = { ...record, ...changes, "updated-at": now() };
     if (next["last-error"] === undefined) delete next["last-error"];
-    this.store.put(next);
-    await this.store.flush();
+    return next;
   }
 
   private forget(vmId: string): void {
@@ -480,6 +584,36 @@ export class Host {
 
   private withVm<T>(vmId: string, operation: () => Promise<T>): Promise<T> {
     return this.vmLocks.run(vmId, operation);
+  }
+
+  /**
+   * A user's command that changes the VM: refused at once while another such
+   * command runs on it (rather than waiting, holding its message), and not
+   * begun once its client's deadline has passed.
+   */
+  private exclusive<T>(
+    vmId: string,
+    what: string,
+    deadline: number | undefined,
+    operation: () => Promise<T>,
+  ): Promise<T> {
+    const current = this.busy.get(vmId);
+    if (current !== undefined) {
+      return Promise.reject(
+        new CommandError(`VM ${vmId} is ${current.what}; try again once that has finished`),
+      );
+    }
+    const done = this.withVm(vmId, () => {
+      assertInTime(deadline, `this command for VM ${vmId}`);
+      return operation();
+    });
+    const entry = { what, done };
+    this.busy.set(vmId, entry);
+    const clear = () => {
+      if (this.busy.get(vmId) === entry) this.busy.delete(vmId);
+    };
+    done.then(clear, clear);
+    return done;
   }
 
   private assertCapacity(memory: number): void {
@@ -501,7 +635,8 @@ export class Host {
       const record = this.store.get(vmId);
       if (record === undefined || record.status !== "running") return;
       log.warn(`VM ${vmId} stopped without being asked to (${reason}); marking it crashed`);
-      await this.save(vmId, { status: "crashed", pid: null, "last-error": reason });
+      // Kept in memory when the disk refuses it; the store says so once, and writes it later.
+      await this.settle(vmId, { status: "crashed", pid: null, "last-error": reason });
     }).catch((error: unknown) =>
       log.error(`Could not record that VM ${vmId} crashed: ${String(error)}`),
     );
@@ -529,9 +664,24 @@ export class Host {
         }
       });
     }
-    if (changed > 0) await this.store.flush();
+    // What was found is true whether or not the disk takes it now: the agent
+    // starts all the same, to serve reads, and the store writes it once it can.
+    if (changed > 0) await this.settled();
   }
 }
+
+/** Refuses work its client no longer waits for, so a reported failure means nothing was done. */
+const assertInTime = (deadline: number | undefined, what: string): void => {
+  if (deadline === undefined || Date.now() <= deadline) return;
+  const late = ((Date.now() - deadline) / 1000).toFixed(1);
+  throw new CommandError(
+    `Not run: ${what} could only start ${late} s after its client stopped waiting; nothing was done`,
+  );
+};
+
+/** A note on what the disk has not taken yet, as a reply's hint. */
+const asHint = (note: string | undefined): { hint?: string } =>
+  note === undefined ? {} : { hint: note };
 
 /** A VM whose create was cut short: it never got an accelerator, so it never ran. */
 const neverRan = (record: VmRecord): boolean =>

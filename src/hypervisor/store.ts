@@ -1,16 +1,16 @@
-import { mkdir, open, readFile, unlink } from "node:fs/promises";
+import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import * as v from "valibot";
-import { type Deferred, deferred, messageOf, pidExists, writeFileAtomic } from "../_utils.ts";
+import { type Deferred, deferred, messageOf, writeFileAtomic } from "../_utils.ts";
 import { StoreError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { describeIssues } from "../protocol/envelope.ts";
 import { VmRecord } from "../protocol/messages.ts";
+import { StateLock } from "./state-lock.ts";
 
 const log = logger.withTag("store");
 
 export const STATE_FILE = "state.json";
-const LOCK_FILE = "agent.lock";
 /** The kernel's random id of the current boot: it changes with every boot, and only then. */
 const BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id";
 
@@ -75,6 +75,104 @@ const readBootId = async (): Promise<string | null> => {
   return text.trim() === "" ? null : text.trim();
 };
 
+/** Writes the document's text to the state file. A test may hand the store one that fails. */
+export type StateWriter = (path: string, data: string) => Promise<void>;
+
+export type StoreOptions = {
+  /** How the state file is written; writeFileAtomic unless a test injects faults. */
+  write?: StateWriter;
+};
+
+/** The first and the longest pause between background attempts to write what already happened. */
+const RETRY_FIRST_MS = 250;
+const RETRY_MAX_MS = 5000;
+
+type Entry = VmRecord | undefined;
+
+/**
+ * Changes that must be on disk before they are acted on: a VM about to be
+ * created, a stop about to begin. They show in memory at once (so no other
+ * create takes the same id or the last slot) but are written only by
+ * commit(); when that write fails they are undone, and memory is as if they
+ * had never been made. One VM's changes are made one at a time (the host's
+ * per-VM lock), so no two transactions touch one record at once.
+ */
+export type StoreTransaction = {
+  put(record: VmRecord): void;
+  remove(vmId: string): void;
+  /** Resolves once the changes are on disk; rejects, with the changes undone, when they could not be written. */
+  commit(): Promise<void>;
+  /** Drops changes not yet committed. */
+  undo(): void;
+};
+
+/** One write: the callers of flush() and the transactions committed while the previous write ran. */
+type Batch = {
+  flushed: Deferred<void>;
+  transactions: Array<{ transaction: Transaction; committed: Deferred<void> }>;
+};
+
+/** What a transaction needs of its store, without the store exposing it to anyone else. */
+type TransactionHooks = {
+  /** Sets a record in memory (undefined: none) and returns the one it replaced. */
+  apply: (vmId: string, entry: Entry) => Entry;
+  get: (vmId: string) => Entry;
+  checked: (record: VmRecord) => VmRecord;
+  commit: (transaction: Transaction) => Promise<void>;
+  /** The transaction no longer hides its changes from writes. */
+  settle: (transaction: Transaction) => void;
+};
+
+class Transaction implements StoreTransaction {
+  /** Per VM: the record before the first change and the one this transaction left. */
+  readonly changes = new Map<string, { before: Entry; after: Entry }>();
+  state: "open" | "committing" | "done" = "open";
+  private readonly hooks: TransactionHooks;
+
+  constructor(hooks: TransactionHooks) {
+    this.hooks = hooks;
+  }
+
+  put(record: VmRecord): void {
+    this.change(record["vm-id"], this.hooks.checked(record));
+  }
+
+  remove(vmId: string): void {
+    this.change(vmId, undefined);
+  }
+
+  commit(): Promise<void> {
+    return this.hooks.commit(this);
+  }
+
+  undo(): void {
+    if (this.state === "open") this.rollback();
+  }
+
+  /** Puts back what each record was, unless something later has changed it again. */
+  rollback(): void {
+    for (const [vmId, { before, after }] of [...this.changes].reverse()) {
+      if (this.hooks.get(vmId) === after) this.hooks.apply(vmId, before);
+    }
+    this.state = "done";
+    this.hooks.settle(this);
+  }
+
+  private change(vmId: string, entry: Entry): void {
+    if (this.state !== "open") {
+      throw new StoreError(
+        `A state change for VM ${vmId} came after its transaction was committed`,
+      );
+    }
+    const before = this.hooks.apply(vmId, entry);
+    const earlier = this.changes.get(vmId);
+    this.changes.set(vmId, {
+      before: earlier === undefined ? before : earlier.before,
+      after: entry,
+    });
+  }
+}
+
 export class StateStore {
   readonly dir: string;
   readonly path: string;
@@ -90,9 +188,21 @@ export class StateStore {
   private readonly serialized = new Map<string, string>();
   /** The document's text up to its records: checked once, as none of it changes while open. */
   private readonly head: string;
+  private readonly lock: StateLock;
+  private readonly writer: StateWriter;
+  /** Transactions not yet committed: the file gets their records as they were before them. */
+  private readonly open = new Set<Transaction>();
   private list: string | null = null;
   private writing: Promise<void> | null = null;
-  private pending: Deferred<void> | null = null;
+  private pending: Batch | null = null;
+  /** Counts the changes that happened (put, remove); `written` is the count the file holds. */
+  private generation = 0;
+  private written = 0;
+  /** Whether the last write failed: logged once when it starts failing, once when it stops. */
+  private failing = false;
+  private retryTimer: ReturnType<typeof setTimeout> | null = null;
+  private retryMs = RETRY_FIRST_MS;
+  private closing = false;
   private closed = false;
 
   private constructor(
@@ -101,10 +211,14 @@ export class StateStore {
     records: Iterable<VmRecord>,
     previousBootId: string | null,
     bootId: string | null,
+    lock: StateLock,
+    writer: StateWriter,
   ) {
     this.dir = dir;
     this.path = join(dir, STATE_FILE);
     this.previousBootId = previousBootId;
+    this.lock = lock;
+    this.writer = writer;
     const header = v.safeParse(StateHeader, { format: STATE_FORMAT, "boot-id": bootId, host });
     if (!header.success) {
       throw new StoreError(
@@ -113,11 +227,7 @@ export class StateStore {
     }
     // Stringified from the checked header, so what is written is exactly what was checked.
     this.head = JSON.stringify(header.output).slice(0, -1);
-    for (const record of records) {
-      this.vms.set(record["vm-id"], record);
-      this.indexRequest(record);
-      this.serialized.set(record["vm-id"], JSON.stringify(record));
-    }
+    for (const record of records) this.apply(record["vm-id"], record);
   }
 
   /**
@@ -125,9 +235,9 @@ export class StateStore {
    * host; an unreadable or invalid one is an error, never a silent reset; one
    * of an older format is migrated and written back at once.
    */
-  static async open(dir: string, hostId: string): Promise<StateStore> {
+  static async open(dir: string, hostId: string, options: StoreOptions = {}): Promise<StateStore> {
     await mkdir(dir, { recursive: true, mode: 0o700 });
-    await acquireLock(dir);
+    const lock = await StateLock.acquire(dir);
     try {
       const path = join(dir, STATE_FILE);
       const [read, bootId] = await Promise.all([readState(path), readBootId()]);
@@ -145,18 +255,20 @@ export class StateStore {
         Object.values(read?.document.vms ?? {}),
         read?.document["boot-id"] ?? null,
         bootId,
+        lock,
+        options.write ?? writeFileAtomic,
       );
       if (read === null) {
         // A new host writes its (empty) state at once, so an operator finds it.
-        await store.flush();
+        await store.begin().commit();
       } else if (read.migratedFrom !== null) {
         // Written back at once, so that the older format is behind this host for good.
-        await store.flush();
+        await store.begin().commit();
         log.info(`${path}: migrated from format ${read.migratedFrom} to ${STATE_FORMAT}`);
       }
       return store;
     } catch (error) {
-      await releaseLock(dir);
+      lock.release();
       throw error;
     }
   }
@@ -183,26 +295,33 @@ export class StateStore {
     return vmId === undefined ? undefined : this.get(vmId);
   }
 
-  /** Validates and records a VM; call `flush()` to have it on disk. */
+  /**
+   * Records what has already happened to a VM (it booted, stopped, died): kept
+   * in memory whether or not the disk takes it, since memory must say what is
+   * true. `flush()` puts it on disk; until a write succeeds it is retried.
+   */
   put(record: VmRecord): void {
-    const checked = v.safeParse(VmRecord, record);
-    if (!checked.success) {
-      throw new StoreError(
-        `Refusing to store an invalid record for VM ${record["vm-id"]}: ${describeIssues(checked.issues)}`,
-      );
-    }
-    this.vms.set(record["vm-id"], checked.output);
-    this.serialized.set(record["vm-id"], JSON.stringify(checked.output));
-    this.list = null;
-    this.indexRequest(checked.output);
+    this.apply(record["vm-id"], this.checked(record));
+    this.generation++;
   }
 
+  /** Forgets a VM that is gone; like put(), kept in memory whether or not it is written. */
   remove(vmId: string): void {
-    const record = this.get(vmId);
-    if (record?.["request-id"] !== undefined) this.byRequest.delete(record["request-id"]);
-    this.vms.delete(vmId);
-    this.serialized.delete(vmId);
-    this.list = null;
+    this.apply(vmId, undefined);
+    this.generation++;
+  }
+
+  /** Starts changes that are written before they are acted on: see StoreTransaction. */
+  begin(): StoreTransaction {
+    const transaction = new Transaction({
+      apply: (vmId, entry) => this.apply(vmId, entry),
+      get: (vmId) => this.vms.get(vmId),
+      checked: (record) => this.checked(record),
+      commit: (committed) => this.commitTransaction(committed),
+      settle: (settled) => this.open.delete(settled),
+    });
+    this.open.add(transaction);
+    return transaction;
   }
 
   /** Every record as one JSON array: the same string until a record changes. */
@@ -211,55 +330,218 @@ export class StateStore {
     return this.list;
   }
 
-  /** Resolves once every change made before the call is on disk. */
+  /**
+   * Resolves once every change made with put() and remove() before the call is
+   * on disk. When the write fails it rejects, the changes stay in memory, and
+   * the store keeps trying in the background until the disk takes them.
+   */
   flush(): Promise<void> {
-    if (this.closed)
-      return Promise.reject(new StoreError(`The state store ${this.path} is closed`));
-    const batch = this.pending ?? deferred();
-    if (this.pending === null) {
-      this.pending = batch;
-      if (this.writing === null) this.startWrite();
-    }
-    return batch.promise;
+    const batch = this.enqueue();
+    return batch instanceof Promise ? batch : batch.flushed.promise;
   }
 
-  /** Waits for outstanding writes and releases the lock. */
+  /** Waits for outstanding writes, tries once more to write what waited for the disk, and releases the lock. */
   async close(): Promise<void> {
-    if (this.closed) return;
-    while (this.writing !== null) await this.writing.catch(() => undefined);
+    if (this.closing) return;
+    this.closing = true;
+    this.stopRetrying();
+    while (this.writing !== null) await this.writing;
+    if (this.written < this.generation) {
+      await this.flush().catch((error: unknown) =>
+        log.error(`Stopping with changes that are not on disk: ${messageOf(error)}`),
+      );
+    }
     this.closed = true;
-    await releaseLock(this.dir);
+    this.lock.release();
   }
 
-  private indexRequest(record: VmRecord): void {
-    if (record["request-id"] !== undefined)
-      this.byRequest.set(record["request-id"], record["vm-id"]);
+  /** The record, validated: what put() and a transaction store. */
+  private checked(record: VmRecord): VmRecord {
+    const checked = v.safeParse(VmRecord, record);
+    if (!checked.success) {
+      throw new StoreError(
+        `Refusing to store an invalid record for VM ${record["vm-id"]}: ${describeIssues(checked.issues)}`,
+      );
+    }
+    return checked.output;
+  }
+
+  /** Joins the transaction to the next write; undone (and rejected) if that write fails. */
+  private commitTransaction(transaction: Transaction): Promise<void> {
+    if (transaction.state !== "open") {
+      return Promise.reject(new StoreError("A state transaction was committed twice"));
+    }
+    this.open.delete(transaction);
+    transaction.state = "committing";
+    const batch = this.enqueue();
+    if (batch instanceof Promise) {
+      transaction.rollback();
+      return batch;
+    }
+    const committed = deferred();
+    batch.transactions.push({ transaction, committed });
+    return committed.promise;
+  }
+
+  /** Sets one VM's record in memory (undefined: none), with its indexes; returns the one it replaced. */
+  private apply(vmId: string, entry: Entry): Entry {
+    const before = this.vms.get(vmId);
+    const oldRequest = before?.["request-id"];
+    if (oldRequest !== undefined && this.byRequest.get(oldRequest) === vmId) {
+      this.byRequest.delete(oldRequest);
+    }
+    if (entry === undefined) {
+      this.vms.delete(vmId);
+      this.serialized.delete(vmId);
+    } else {
+      this.vms.set(vmId, entry);
+      this.serialized.set(vmId, JSON.stringify(entry));
+      if (entry["request-id"] !== undefined) this.byRequest.set(entry["request-id"], vmId);
+    }
+    this.list = null;
+    return before;
+  }
+
+  /** The batch the next write carries, that write started if none runs; a rejection once closed. */
+  private enqueue(): Batch | Promise<never> {
+    if (this.closed) {
+      return Promise.reject(new StoreError(`The state store ${this.path} is closed`));
+    }
+    if (this.pending === null) {
+      const flushed = deferred();
+      // Rejected when a write fails, whether or not anyone flushed: not an unhandled rejection.
+      void flushed.promise.catch(() => undefined);
+      this.pending = { flushed, transactions: [] };
+    }
+    const batch = this.pending;
+    if (this.writing === null) this.startWrite();
+    return batch;
+  }
+
+  /**
+   * The document as it is to be on disk: every record, but those of
+   * transactions not yet committed as they were before them. Joined from the
+   * checked header and the records put() checked, rather than stringified
+   * whole: a change to one of 10,000 VMs costs no re-validation.
+   */
+  private document(): string {
+    const hidden = new Map<string, Entry>();
+    for (const transaction of this.open) {
+      for (const [vmId, { before }] of transaction.changes) {
+        if (!hidden.has(vmId)) hidden.set(vmId, before);
+      }
+    }
+    const vms: string[] = [];
+    for (const [vmId, json] of this.serialized) {
+      if (!hidden.has(vmId)) vms.push(`${JSON.stringify(vmId)}:${json}`);
+    }
+    for (const [vmId, before] of hidden) {
+      if (before !== undefined) vms.push(`${JSON.stringify(vmId)}:${JSON.stringify(before)}`);
+    }
+    return `${this.head},"vms":{${vms.join(",")}}}`;
   }
 
   private startWrite(): void {
     const batch = this.pending;
     if (batch === null) return;
     this.pending = null;
-    // Joined from the checked header and the records put() checked, rather than
-    // stringified whole: a change to one of 10,000 VMs costs no re-validation.
-    const vms = [...this.serialized].map(([id, json]) => `${JSON.stringify(id)}:${json}`);
-    const data = `${this.head},"vms":{${vms.join(",")}}}`;
-    this.writing = writeFileAtomic(this.path, data).then(
-      () => batch.resolve(),
-      (error: unknown) =>
-        batch.reject(
-          new StoreError(`Could not write the state file ${this.path}: ${messageOf(error)}`, {
-            hint: "Check that the disk is not full and the directory is writable.",
-            cause: error,
-          }),
-        ),
+    const generation = this.generation;
+    const data = this.document();
+    this.writing = this.writer(this.path, data).then(
+      () => this.succeeded(batch, generation),
+      (error: unknown) => this.failed(batch, error),
     );
     void this.writing.finally(() => {
       this.writing = null;
       this.startWrite();
     });
   }
+
+  private succeeded(batch: Batch, generation: number): void {
+    this.written = generation;
+    if (this.failing) {
+      this.failing = false;
+      log.info(`The state file ${this.path} is written again`);
+    }
+    this.retryMs = RETRY_FIRST_MS;
+    if (this.written >= this.generation) this.stopRetrying();
+    for (const { transaction, committed } of batch.transactions) {
+      transaction.state = "done";
+      committed.resolve();
+    }
+    batch.flushed.resolve();
+  }
+
+  private failed(batch: Batch, error: unknown): void {
+    const problem = describeWriteProblem(error);
+    const advice = adviceFor(error, this.dir);
+    const failure = `Could not write the state file ${this.path}: ${problem}`;
+    if (!this.failing) {
+      this.failing = true;
+      log.warn(
+        `${failure}. Changes not yet acted on are refused; what already happened is kept in memory and written as soon as the disk allows (${advice})`,
+      );
+    }
+    // Newest first, so that each record gets back what it was before this batch.
+    for (const { transaction, committed } of [...batch.transactions].reverse()) {
+      transaction.rollback();
+      committed.reject(
+        new StoreError(`${failure}; nothing was changed (${advice}, then try again)`, {
+          cause: error,
+        }),
+      );
+    }
+    batch.flushed.reject(
+      new StoreError(
+        `${failure}; the change is kept in memory and written as soon as the disk allows (${advice})`,
+        { cause: error },
+      ),
+    );
+    this.retryLater();
+  }
+
+  /** What already happened and is not on disk yet: tried again, ever less often, until written. */
+  private retryLater(): void {
+    if (this.closing || this.retryTimer !== null || this.written >= this.generation) return;
+    const delay = this.retryMs;
+    this.retryMs = Math.min(this.retryMs * 2, RETRY_MAX_MS);
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      // A failure schedules the next attempt itself.
+      void this.flush().catch(() => undefined);
+    }, delay);
+    // The agent's connection keeps its process alive; a pending retry alone should not.
+    this.retryTimer.unref?.();
+  }
+
+  private stopRetrying(): void {
+    if (this.retryTimer !== null) clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+  }
 }
+
+/** The file system's words for a failed write: "no space left on device (ENOSPC)". */
+const describeWriteProblem = (error: unknown): string => {
+  const code = errorCode(error);
+  // Node's and Bun's messages read "ENOSPC: no space left on device, write".
+  const words = /^[A-Z0-9]+: ([^,]+)/.exec(messageOf(error))?.[1];
+  return code !== undefined && words !== undefined ? `${words} (${code})` : messageOf(error);
+};
+
+/** What an operator can do about a failed write. */
+const adviceFor = (error: unknown, dir: string): string => {
+  switch (errorCode(error)) {
+    case "ENOSPC":
+    case "EDQUOT":
+      return `free space on the file system that holds ${dir}`;
+    case "EROFS":
+    case "EACCES":
+    case "EPERM":
+      return `make ${dir} writable`;
+    default:
+      return `check the disk that holds ${dir}`;
+  }
+};
 
 /**
  * The state file's document in this agent's format, and the format it had when
@@ -324,39 +606,4 @@ const readState = async (
     }
   }
   return { document: parsed.output, migratedFrom: format < STATE_FORMAT ? format : null };
-};
-
-const acquireLock = async (dir: string): Promise<void> => {
-  const path = join(dir, LOCK_FILE);
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      const file = await open(path, "wx", 0o600);
-      await file.writeFile(`${process.pid}\n`);
-      await file.close();
-      return;
-    } catch (error) {
-      if (errorCode(error) !== "EEXIST") {
-        throw new StoreError(`Cannot create the lock file ${path}: ${messageOf(error)}`, {
-          cause: error,
-        });
-      }
-    }
-    const holder = Number.parseInt(await readFile(path, "utf8").catch(() => ""), 10);
-    if (Number.isInteger(holder) && holder !== process.pid && pidExists(holder)) {
-      throw new StoreError(`Another agent (pid ${holder}) is using the state directory ${dir}`, {
-        hint: "Stop that agent first, or give this one its own --state-dir.",
-      });
-    }
-    // The holder died without cleaning up: the lock is stale.
-    await unlink(path).catch(() => undefined);
-  }
-  throw new StoreError(`Could not take the lock ${path}`, {
-    hint: "Another agent is starting on the same --state-dir.",
-  });
-};
-
-const releaseLock = async (dir: string): Promise<void> => {
-  const path = join(dir, LOCK_FILE);
-  const holder = Number.parseInt(await readFile(path, "utf8").catch(() => ""), 10);
-  if (holder === process.pid) await unlink(path).catch(() => undefined);
 };

@@ -33,15 +33,22 @@ const Memory = v.pipe(
   v.minValue(16, "memory must be at least 16 MiB"),
   v.maxValue(1024 * 1024, "memory must be at most 1 TiB (1048576 MiB)"),
 );
+/**
+ * The most virtual CPUs QEMU's default x86 machine (pc, i440FX) takes: more
+ * and QEMU refuses to start ("The max CPUs supported by machine
+ * 'pc-i440fx-7.2' is 255"), so such a create is refused before it travels.
+ */
+export const MAX_CPUS = 255;
 const Cpus = v.pipe(
   v.number("cpus must be a number"),
   v.integer("cpus must be a whole number"),
   v.minValue(1, "cpus must be at least 1"),
-  v.maxValue(256, "cpus must be at most 256"),
+  v.maxValue(MAX_CPUS, `cpus must be at most ${MAX_CPUS}, the most QEMU's x86 machine takes`),
 );
+// Bytes of UTF-8, not characters: what the guest's seed holds, and what a client and an agent count alike.
 const InitScript = v.pipe(
   v.string("init-script must be a string"),
-  v.maxBytes(MAX_INIT_SCRIPT_BYTES, "init-script must be at most 64 KiB"),
+  v.maxBytes(MAX_INIT_SCRIPT_BYTES, "init-script must be at most 64 KiB (65536 bytes of UTF-8)"),
 );
 
 const Port = v.pipe(
@@ -127,6 +134,8 @@ export const VmRecord = v.object({
   "init-script": v.optional(v.boolean()),
   /** message_id of the create-vm that made this VM, to spot redeliveries. */
   "request-id": v.optional(v.string()),
+  /** A hash of who sent the create and what it asked: a repeat must match it. */
+  "request-digest": v.optional(v.string()),
   "last-error": v.optional(v.string()),
   /** Host ports forwarded to the guest: its SSH port (guest 22) first. */
   forwards: v.optional(v.array(Forward)),
@@ -189,7 +198,7 @@ export const ConsoleTail = v.object({
 export type ConsoleTail = v.InferOutput<typeof ConsoleTail>;
 
 export const VmStatusReply = v.object({
-  status: v.picklist(["starting", "stopped", "killed", "deleted"]),
+  status: v.picklist(["starting", "stopping", "stopped", "killed", "deleted"]),
   "vm-id": VmId,
   hint: v.optional(v.string()),
 });

@@ -6,7 +6,8 @@ import { asError } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { brokerError, parseBrokerError } from "./broker-errors.ts";
-import { connect, redactUrl } from "./connection.ts";
+import { brokerUser, connect, redactUrl } from "./connection.ts";
+import { DEADLINE_HEADER } from "./placement.ts";
 import { COMPETING_QUEUE, EXCHANGE, hostQueue } from "./topology.ts";
 
 const log = logger.withTag("client");
@@ -186,7 +187,12 @@ export class Client {
         replyTo: DIRECT_REPLY_TO,
         correlationId: id,
         messageId: options.messageId ?? id,
+        // Checked by the broker against the user we logged in as.
+        userId: brokerUser(this.options.url),
+        // The queue honours the expiration; the agent honours the deadline,
+        // also for a message it has taken but not yet begun.
         expiration: String(this.options.timeoutMs),
+        headers: { [DEADLINE_HEADER]: Date.now() + this.options.timeoutMs },
         mandatory,
       });
     });

@@ -90,6 +90,15 @@ export const connect = async (url: string, options: ConnectOptions): Promise<Cha
   }
 };
 
+/** The user a URL logs in as: amqplib's default when it names none. */
+export const brokerUser = (url: string): string => {
+  try {
+    return decodeURIComponent(new URL(url).username) || "guest";
+  } catch {
+    return "guest";
+  }
+};
+
 /** Publishes on a confirm channel; resolves once the broker confirmed, rejects if it refused. */
 export const publishConfirmed = (
   channel: ConfirmChannel,

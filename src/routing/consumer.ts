@@ -4,17 +4,24 @@
 // the route changes the handler asks for, reply with a broker confirm, and
 // only then acknowledge. Which host a message belongs on is placement.ts's.
 import type { Channel, ChannelModel, ConfirmChannel, ConsumeMessage, Options } from "amqplib";
-import { messageOf, settlesWithin, sleep } from "../_utils.ts";
+import { KeyedLock, messageOf, settlesWithin, sleep } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { brokerError, parseBrokerError } from "./broker-errors.ts";
-import { connect, publishConfirmed, redactUrl } from "./connection.ts";
-import { handOn, routeMismatch, shouldSendHome } from "./placement.ts";
+import { brokerUser, connect, publishConfirmed, redactUrl } from "./connection.ts";
+import {
+  deadlineOf,
+  handOn,
+  ORIGIN_USER_HEADER,
+  routeMismatch,
+  shouldSendHome,
+} from "./placement.ts";
 import { ReplyLine } from "./replies.ts";
 import {
   type AgentTopology,
   bindRoute,
   COMPETING_QUEUE,
+  claimQueue,
   declareAgentTopology,
   EXCHANGE,
   hostQueue,
@@ -29,6 +36,11 @@ export type Delivery = {
   routingKey: string;
   messageId: string | undefined;
   redelivered: boolean;
+  /**
+   * The broker user who sent it, as the broker validated it (`user_id`), or
+   * as an agent that forwarded it vouched; undefined for an anonymous sender.
+   */
+  userId: string | undefined;
 };
 
 /** Routes of this host's queue to add or remove once a message has run. */
@@ -53,9 +65,14 @@ export type RunContext = {
   /**
    * Binds `route` to this host at once, before the work it stands for is
    * done: a redelivery of this message elsewhere then finds its way here.
-   * Unbound again if the message ends in anything but a reply.
+   * Unbound again unless the message ends in a reply whose routes bind it.
    */
   claim(route: string): Promise<void>;
+  /**
+   * When the client stops waiting (ms since the epoch), if it said: work that
+   * has not started by then must not start at all.
+   */
+  deadline: number | undefined;
 };
 
 export type Plan =
@@ -102,6 +119,15 @@ export type AgentConsumerOptions = {
  * back its routes may be gone (a restarted broker forgets them).
  */
 const RECONNECT_MAX_MS = 5_000;
+/** A message handed to the host that had claimed it while this one was about to. */
+class SentHome extends Error {
+  constructor(route: string) {
+    super(`sent to the host that holds ${route}`);
+  }
+}
+
+/** Longest wait for another host to finish claiming a message's route. */
+const CLAIM_WAIT_MS = 10_000;
 /** How long stop() waits for the broker to confirm a cancel or a close. */
 const STOP_STEP_MS = 3_000;
 
@@ -157,6 +183,10 @@ export class AgentConsumer {
   private stopping = false;
   private reconnecting: Promise<void> | null = null;
   private readonly replies: ReplyLine;
+  /** One message id at a time: copies of a message wait for the first to be done. */
+  private readonly sameMessage = new KeyedLock();
+  /** The broker user this agent connects as: forwards carry it as their `user_id`. */
+  private readonly agentUser: string;
   /** Messages whose reply is out, so a failure after it never sends a second one. */
   private readonly replied = new WeakSet<ConsumeMessage>();
 
@@ -164,6 +194,7 @@ export class AgentConsumer {
     this.options = options;
     this.hostId = options.topology.hostId;
     this.where = redactUrl(options.url);
+    this.agentUser = brokerUser(options.url);
     this.replies = new ReplyLine(
       (lane) => this.dial(`aetherscale agent ${this.hostId} ${lane}`),
       hostQueue(this.hostId),
@@ -334,14 +365,27 @@ export class AgentConsumer {
     void work.finally(() => this.inFlight.delete(work));
   }
 
-  private async process(session: Session, msg: ConsumeMessage): Promise<void> {
-    if (this.replies.isProbe(msg)) return this.ack(session, msg);
+  private process(session: Session, msg: ConsumeMessage): Promise<void> {
+    if (this.replies.isProbe(msg)) return Promise.resolve(this.ack(session, msg));
+    // Copies of one message (a client's retry, a redelivery) run one after
+    // another on a host, so the second sees what the first did.
+    const messageId = (msg.properties.messageId as string | undefined) || undefined;
+    if (messageId === undefined) return this.processNow(session, msg, undefined);
+    return this.sameMessage.run(messageId, () => this.processNow(session, msg, messageId));
+  }
+
+  private async processNow(
+    session: Session,
+    msg: ConsumeMessage,
+    messageId: string | undefined,
+  ): Promise<void> {
     const { handler } = this.options;
     const delivery: Delivery = {
       body: msg.content,
       routingKey: msg.fields.routingKey,
-      messageId: (msg.properties.messageId as string | undefined) || undefined,
+      messageId,
       redelivered: msg.fields.redelivered,
+      userId: this.senderOf(msg),
     };
     const plan = handler.plan(delivery);
     if (plan.kind === "refuse") {
@@ -350,33 +394,124 @@ export class AgentConsumer {
     }
     const mismatch = routeMismatch(delivery.routingKey, plan.routes, plan.what);
     if (mismatch !== null) return this.answer(session, msg, handler.errorBody(mismatch));
+    const deadline = deadlineOf(msg.properties.headers);
+    if (deadline !== undefined && Date.now() > deadline) {
+      log.info(`${plan.what}: its client's deadline passed before it could start; not run`);
+      return this.answer(session, msg, handler.errorBody(this.tooLate(plan.what, deadline)));
+    }
     // Claimed elsewhere (a redelivery after a host died, or a client's retry):
     // the host that claimed it answers it.
-    if (shouldSendHome(delivery.routingKey, plan.home)) {
-      if (await this.sendHome(session, msg, plan.home)) return;
-    }
+    const awayFromHome = shouldSendHome(delivery.routingKey, plan.home);
+    if (awayFromHome && (await this.sendHome(session, msg, plan.home as string))) return;
     const claimed: string[] = [];
     const claim = async (route: string) => {
-      await bindRoute(session.ops, this.hostId, route);
+      if (claimed.includes(route)) return;
+      // Its home, claimed under a lock the whole fleet shares, so two copies
+      // taken by two hosts at once cannot both be run.
+      if (awayFromHome && route === plan.home) {
+        if (await this.claimOrSendHome(session, msg, route, deadline)) throw new SentHome(route);
+      } else {
+        await bindRoute(session.ops, this.hostId, route);
+      }
       claimed.push(route);
     };
     let outcome: Outcome;
     try {
-      outcome = await plan.run({ claim });
+      outcome = await plan.run({ claim, deadline });
     } catch (error) {
       await this.unbindAll(session, claimed);
+      // Acknowledged as it went: the host that claimed it first answers it.
+      if (error instanceof SentHome) return;
       log.error(`${plan.what} failed: ${messageOf(error)}`);
       const reason = `Internal error on host ${this.hostId}: ${messageOf(error)}`;
       return this.answer(session, msg, handler.errorBody(reason));
     }
     if (outcome.kind === "decline") {
       await this.unbindAll(session, claimed);
-      return this.handOn(session, msg, outcome);
+      // One that came by its home route but was never run here goes back to
+      // the shared queue, where another host may serve it.
+      const competing = plan.routes.find((route) =>
+        this.options.topology.competingKeys.includes(route),
+      );
+      return this.handOn(session, msg, outcome, competing);
     }
-    const bind = (outcome.routes?.bind ?? []).filter((route) => !claimed.includes(route));
+    const keep = outcome.routes?.bind ?? [];
+    const bind = keep.filter((route) => !claimed.includes(route));
     await Promise.all(bind.map((route) => bindRoute(session.ops, this.hostId, route)));
-    await this.unbindAll(session, outcome.routes?.unbind ?? []);
+    // A claim the reply does not keep (an error, say) is given up.
+    const dropped = claimed.filter((route) => !keep.includes(route));
+    await this.unbindAll(session, [...dropped, ...(outcome.routes?.unbind ?? [])]);
     return this.answer(session, msg, outcome.body);
+  }
+
+  private tooLate(what: string, deadline: number): string {
+    const late = ((Date.now() - deadline) / 1000).toFixed(1);
+    return `Not run: host ${this.hostId} could only start the ${what.slice(0, 80)} ${late} s after its client stopped waiting; nothing was done`;
+  }
+
+  /** Who sent a message: the broker-validated user, or the one a fellow agent vouches for. */
+  private senderOf(msg: ConsumeMessage): string | undefined {
+    const userId = (msg.properties.userId as string | undefined) || undefined;
+    const origin = msg.properties.headers?.[ORIGIN_USER_HEADER];
+    if (userId === this.agentUser && typeof origin === "string") return origin || undefined;
+    return userId;
+  }
+
+  /**
+   * The properties a message keeps when this agent publishes it on: its own,
+   * but the agent's `user_id` (the broker refuses any other) and, in a
+   * header, the sender it stands for.
+   */
+  private forwarded(msg: ConsumeMessage, headers?: Record<string, unknown>): Options.Publish {
+    return {
+      ...carriedProperties(msg),
+      userId: this.agentUser,
+      headers: {
+        ...(headers ?? msg.properties.headers),
+        [ORIGIN_USER_HEADER]: this.senderOf(msg) ?? "",
+      },
+    };
+  }
+
+  /**
+   * Either sends the message to the host that already claimed `route` (true)
+   * or binds `route` here (false), holding the fleet-wide claim lock while it
+   * looks and binds, so no two hosts can both find it unclaimed.
+   */
+  private async claimOrSendHome(
+    session: Session,
+    msg: ConsumeMessage,
+    route: string,
+    deadline: number | undefined,
+  ): Promise<boolean> {
+    const giveUpAt = Math.min(deadline ?? Number.POSITIVE_INFINITY, Date.now() + CLAIM_WAIT_MS);
+    for (let attempt = 0; ; attempt++) {
+      const lock = await session.model.createChannel();
+      lock.on("error", () => undefined);
+      let held = false;
+      try {
+        await lock.assertQueue(claimQueue(route), {
+          exclusive: true,
+          durable: false,
+          autoDelete: false,
+        });
+        held = true;
+        // Whoever held the lock before us has bound the route, or given up.
+        if (await this.sendHome(session, msg, route)) return true;
+        await bindRoute(session.ops, this.hostId, route);
+        return false;
+      } catch (error) {
+        if (held || parseBrokerError(error).failure !== "resource-locked") throw error;
+        if (Date.now() > giveUpAt) {
+          throw new Error(`another host held the claim on ${route} for too long`);
+        }
+        await sleep(Math.min(10 * 2 ** attempt, 200));
+        if (await this.sendHome(session, msg, route)) return true;
+      } finally {
+        if (held) await lock.deleteQueue(claimQueue(route)).catch(() => undefined);
+        void lock.close().catch(() => undefined);
+      }
+    }
   }
 
   private async answer(session: Session, msg: ConsumeMessage, body: Buffer): Promise<void> {
@@ -424,7 +559,7 @@ export class AgentConsumer {
     try {
       // The broker sends basic.return before the confirm, so `returned` is settled by then.
       await publishConfirmed(session.publish, EXCHANGE, route, msg.content, {
-        ...carriedProperties(msg),
+        ...this.forwarded(msg),
         mandatory: true,
       });
     } finally {
@@ -449,6 +584,7 @@ export class AgentConsumer {
     session: Session,
     msg: ConsumeMessage,
     decline: Extract<Outcome, { kind: "decline" }>,
+    competing: string | undefined,
   ): Promise<void> {
     const decision = handOn({
       headers: msg.properties.headers ?? {},
@@ -472,18 +608,13 @@ export class AgentConsumer {
         return this.answer(session, msg, handler.errorBody(decline.everywhere(decision.kinds)));
       case "republish": {
         // Only the shared queue has other hosts to try; elsewhere this host is the last word.
-        if (!this.options.topology.competingKeys.includes(msg.fields.routingKey)) {
-          return this.answer(session, msg, handler.errorBody(decline.message));
-        }
-        const options: Options.Publish = { ...carriedProperties(msg), headers: decision.headers };
+        const key = this.options.topology.competingKeys.includes(msg.fields.routingKey)
+          ? msg.fields.routingKey
+          : competing;
+        if (key === undefined) return this.answer(session, msg, handler.errorBody(decline.message));
+        const options = this.forwarded(msg, decision.headers);
         if (decision.expiration !== undefined) options.expiration = decision.expiration;
-        await publishConfirmed(
-          session.publish,
-          EXCHANGE,
-          msg.fields.routingKey,
-          msg.content,
-          options,
-        );
+        await publishConfirmed(session.publish, EXCHANGE, key, msg.content, options);
         this.ack(session, msg);
       }
     }

@@ -6,6 +6,12 @@
 export const DECLINED_HEADER = "x-aetherscale-declined";
 /** When the client stops waiting (ms since the epoch), carried as a message is handed on. */
 export const DEADLINE_HEADER = "x-aetherscale-deadline";
+/**
+ * The user a forwarding agent vouches for: the broker validated the original
+ * sender's `user_id`, which a forward cannot keep (it is the agent's own).
+ * Believed only on a message whose own `user_id` is an agent's.
+ */
+export const ORIGIN_USER_HEADER = "x-aetherscale-origin-user";
 /** How often a message has been handed on, a bound on a loop nobody foresaw. */
 export const HOPS_HEADER = "x-aetherscale-hops";
 
@@ -17,6 +23,13 @@ export const HOPS_HEADER = "x-aetherscale-hops";
 export const MAX_HAND_ON_TTL_MS = 86_400_000;
 
 export type Headers = Record<string, unknown>;
+
+/** The client's deadline from a message's headers; undefined when it gave none (or nonsense). */
+export const deadlineOf = (headers: Headers | undefined): number | undefined => {
+  const value = headers?.[DEADLINE_HEADER];
+  const deadline = typeof value === "number" ? value : Number.NaN;
+  return Number.isFinite(deadline) && deadline > 0 ? deadline : undefined;
+};
 
 /**
  * Why a message may not run, when the route it came by is not one of those
@@ -78,7 +91,7 @@ export const handOn = (input: {
   const declined = declinedBy(headers);
   declined.set(input.hostId, input.kind);
   const hops = (Number(headers[HOPS_HEADER]) || 0) + 1;
-  let deadline = Number(headers[DEADLINE_HEADER]);
+  let deadline = deadlineOf(headers) ?? Number.NaN;
   if (!Number.isFinite(deadline) && input.expiration !== undefined) {
     deadline = now + Number(input.expiration);
   }

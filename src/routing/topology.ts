@@ -10,6 +10,13 @@ export const COMPETING_QUEUE = "computing-competing";
 
 export const hostQueue = (hostId: string): string => `computing-host-${hostId}`;
 
+/**
+ * The queue whose exclusive declaration is the fleet-wide lock on claiming
+ * `route`: only one connection can hold it, and the broker drops it with the
+ * connection of an agent that dies holding it.
+ */
+export const claimQueue = (route: string): string => `computing-claim-${route}`;
+
 /** Messages wait at most this long in a host's queue, whatever the sender asked. */
 const HOST_QUEUE_MESSAGE_TTL_MS = 60_000;
 /** A host queue nobody consumed for this long (its agent is gone) is removed by the broker. */

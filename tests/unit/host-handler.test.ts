@@ -40,6 +40,7 @@ const delivery = (body: unknown, routingKey: string, messageId?: string): Delive
   routingKey,
   messageId,
   redelivered: false,
+  userId: undefined,
 });
 
 const runnable = (plan: Plan) => {
@@ -54,6 +55,7 @@ const run = async (plan: Plan) => {
     claim: async (route) => {
       claimed.push(route);
     },
+    deadline: undefined,
   });
   return { outcome, claimed };
 };

@@ -181,6 +181,20 @@ describe("a command to one VM", () => {
     expect(asJson.exitCode).toBe(EXIT.noAnswer);
   });
 
+  test("a change nobody answered: the outcome is unknown, and the command that shows it is named", () => {
+    const silent = outcomeOf("stop-vm", [], { expected: 1, missing: 1 });
+    const out = report(silent, {
+      ...human,
+      view: () => null,
+      noAnswer: "the host of VM abcdefgh did not answer the stop-vm",
+      checkWith: "aetherscale vm info abcdefgh",
+    });
+    expect(out.exitCode).toBe(EXIT.noAnswer);
+    expect(out.stderr).toContain("The outcome is unknown");
+    expect(out.stderr).toContain("`aetherscale vm info abcdefgh`");
+    expect(out.stderr).not.toContain("failed");
+  });
+
   test("a reply that was no valid one is an error, and not printed as if it were", () => {
     const garbled = outcomeOf("vm-info", [
       { ok: false, host: "h1", reason: "Host h1 sent an invalid vm-info response: …", raw: null },

@@ -2,7 +2,8 @@ import { describe, expect, test } from "bun:test";
 import { replyAddress } from "../../src/routing/replies.ts";
 
 // A real address from RabbitMQ 3.10: NEW_PID_EXT, node atom "reply@9248884".
-const REAL = "amq.rabbitmq.reply-to.g1h2AA1yZXBseUA5MjQ4ODg0AAAC+wAAAABrC0mF.KGJePoBx/xrX8cqOZIr1KQ==";
+const REAL =
+  "amq.rabbitmq.reply-to.g1h2AA1yZXBseUA5MjQ4ODg0AAAC+wAAAABrC0mF.KGJePoBx/xrX8cqOZIr1KQ==";
 
 describe("replyAddress", () => {
   test("reads the node of a direct reply-to address the broker made", () => {

@@ -33,6 +33,8 @@ export class FakeDriver implements VmDriver {
 
   async stop(_spec: VmSpec, _options: StopOptions): Promise<void> {}
 
+  async kill(_spec: VmSpec): Promise<void> {}
+
   async destroy(_spec: VmSpec): Promise<void> {}
 
   async reattach(_spec: VmSpec, _pid: number | null): Promise<RunInfo | null> {
