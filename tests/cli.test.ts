@@ -373,7 +373,7 @@ describe("reaching VMs, against a fake-driver agent", () => {
     try {
       const result = await cli(["vm", "start", id, "--wait"], { env: env() });
       expect(result.stdout).toBe(
-        `VM ${id} starting on host cli-reach (VM "${id}" was already started)\n` +
+        `VM ${id} starting on host cli-reach (VM "${id}" is already running)\n` +
           `VM ${id} is reachable: ssh -p ${sshPort} debian@127.0.0.1 (aetherscale vm ssh ${id})\n`,
       );
       expect(result.stderr).toContain(`… waiting for SSH of VM ${id} at 127.0.0.1:${sshPort} (`);

@@ -149,7 +149,7 @@ describe("a VM's life on a real QEMU", () => {
     expect(vm.status).toBe("running");
     expect(await alive(vm.pid as number)).toBe(true);
     const again = await cliJson(["vm", "start", id], vhost.url);
-    expect(again.replies[0]?.response.hint).toBe(`VM "${id}" was already started`);
+    expect(again.replies[0]?.response.hint).toBe(`VM "${id}" is already running`);
   });
 
   test("the agent killed under running VMs leaves them running, and re-attaches on restart", async () => {

@@ -112,8 +112,13 @@ export class HostHandler implements MessageHandler {
           kind: "decline",
           reasonKind: error.kind,
           message: error.message,
+          // This host's own words name why an image it has cannot be used.
           everywhere: (kinds) =>
-            kinds.includes("capacity") ? Reasons.noCapacity : Reasons.imageDoesNotExist(image),
+            kinds.includes("capacity")
+              ? Reasons.noCapacity
+              : error.kind === "image"
+                ? error.message
+                : Reasons.imageDoesNotExist(image),
         };
       }
       // A state change the disk refused changed nothing: the user hears why, as is.

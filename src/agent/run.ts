@@ -6,7 +6,7 @@ import { HypervisorError } from "../errors.ts";
 import type { VmDriver } from "../hypervisor/driver.ts";
 import { FakeDriver } from "../hypervisor/drivers/fake.ts";
 import { Host, type HostNetwork } from "../hypervisor/host.ts";
-import type { AccelChoice } from "../hypervisor/qemu-tools.ts";
+import { type AccelChoice, DEFAULT_QEMU_IMG, findExecutable } from "../hypervisor/qemu-tools.ts";
 import { logger } from "../log.ts";
 import { AgentConsumer } from "../routing/consumer.ts";
 import { VERSION } from "../version.ts";
@@ -50,6 +50,29 @@ const makeDriver = async (config: AgentConfig): Promise<VmDriver> => {
   return driver;
 };
 
+/**
+ * Checks every base image once at start (each refused one is logged with its
+ * reason as it is judged), so the operator sees at once what this host
+ * offers, and the first `hosts` finds the verdicts kept.
+ */
+const reportImages = async (host: Host, config: AgentConfig): Promise<void> => {
+  if (config.driver === "fake") {
+    try {
+      findExecutable(DEFAULT_QEMU_IMG);
+    } catch (error) {
+      // The qemu driver's probe has already refused to start without it.
+      log.warn(
+        `${messageOf(error)}: no base image's backing chain can be checked, so this host offers none (Debian: apt-get install qemu-utils)`,
+      );
+    }
+  }
+  const usable = await host.images.list();
+  const shown = usable.length > 20 ? [...usable.slice(0, 20), "…"] : usable;
+  log.info(
+    `${usable.length} usable image(s) in ${config.imagesDir}${usable.length === 0 ? "" : `: ${shown.join(", ")}`}`,
+  );
+};
+
 const waitForSignal = (): Promise<string> =>
   new Promise((resolveSignal) => {
     const on = (signal: NodeJS.Signals) => {
@@ -81,6 +104,7 @@ export const runAgent = async (config: AgentConfig): Promise<void> => {
   log.info(
     `host ${hostId}: driver ${driver.name}, state ${config.stateDir}, images ${config.imagesDir}, ${host.vmIds().length} VM(s); ports ${portRange.first}-${portRange.last} on ${publishAddress}, advertised as ${advertiseAddress}`,
   );
+  await reportImages(host, config);
   const consumer = new AgentConsumer({
     url: config.url,
     topology: agentTopology(hostId),

@@ -12,6 +12,7 @@ import {
   DEFAULT_PUBLISH_ADDRESS,
   type PortRange,
 } from "../hypervisor/ports.ts";
+import { filesIn } from "../hypervisor/qemu-devices.ts";
 import type { AccelChoice } from "../hypervisor/qemu-tools.ts";
 import { describeIssues } from "../protocol/envelope.ts";
 import { HostId } from "../protocol/messages.ts";
@@ -91,6 +92,33 @@ const defaultImagesDir = (): string => join(dataHome(), "aetherscale", "images")
 const defaultStateDir = (hostId: string): string =>
   join(process.env.XDG_STATE_HOME || join(homedir(), ".local", "state"), "aetherscale", hostId);
 
+/** A Unix socket's path fits in sun_path: 108 bytes, the last of them a NUL. */
+export const MAX_SOCKET_PATH_BYTES = 107;
+
+/** The longest path of a socket QEMU makes for a VM of this state directory (its QMP and guest agent sockets). */
+export const longestSocketPath = (stateDir: string): string => {
+  // Every VM id is 8 letters (the protocol's rule), so every VM's paths are this long.
+  const files = filesIn(join(resolve(stateDir), "vms", "x".repeat(8)));
+  return [files.qmpSocket, files.qgaSocket].reduce((longest, path) =>
+    Buffer.byteLength(path) > Buffer.byteLength(longest) ? path : longest,
+  );
+};
+
+/**
+ * A state directory too long for QEMU's sockets would fail every create and
+ * start, one by one, long after the agent said it was ready: refused here.
+ */
+const checkSocketRoom = (stateDir: string): void => {
+  const socket = longestSocketPath(stateDir);
+  const bytes = Buffer.byteLength(socket);
+  if (bytes <= MAX_SOCKET_PATH_BYTES) return;
+  const room = MAX_SOCKET_PATH_BYTES - (bytes - Buffer.byteLength(stateDir));
+  throw new UsageError(
+    `The state directory ${stateDir} is too long for the qemu driver: a VM's socket there (${socket}) would take ${bytes} bytes, and a Unix socket path holds at most ${MAX_SOCKET_PATH_BYTES}`,
+    `Give a --state-dir of at most ${room} bytes (a shorter symlink to this directory will do)`,
+  );
+};
+
 export const agentConfigFrom = (flags: AgentFlags): AgentConfig => {
   const hostId = flags["host-id"] || defaultHostId();
   const checkedId = v.safeParse(HostId, hostId);
@@ -103,6 +131,8 @@ export const agentConfigFrom = (flags: AgentFlags): AgentConfig => {
   if (driver !== "qemu" && driver !== "fake") {
     throw new UsageError(`--driver must be qemu or fake, not "${driver.slice(0, 40)}"`);
   }
+  const stateDir = resolve(flags["state-dir"] || defaultStateDir(hostId));
+  if (driver === "qemu") checkSocketRoom(stateDir);
   return {
     hostId,
     driver,
@@ -120,7 +150,7 @@ export const agentConfigFrom = (flags: AgentFlags): AgentConfig => {
     stopTimeoutMs: secondsArg("stop-timeout", flags["stop-timeout"] ?? "30"),
     accel: accelFrom(flags.accel),
     network: networkFrom(flags),
-    stateDir: resolve(flags["state-dir"] || defaultStateDir(hostId)),
+    stateDir,
     imagesDir: resolve(flags["images-dir"] || defaultImagesDir()),
     url: resolveAmqpUrl(flags["amqp-url"]),
     caFile: resolveCaFile(flags["amqp-ca"]),

@@ -110,7 +110,7 @@ export const createArgs = {
     valueHint: "name",
   },
   memory: { type: "string", description: "Memory in MiB (default 256)", valueHint: "MiB" },
-  cpus: { type: "string", description: "Virtual CPUs (default 1)", valueHint: "n" },
+  cpus: { type: "string", description: "Virtual CPUs, 1-255 (default 1)", valueHint: "n" },
   "init-script": {
     type: "string",
     description: "First-boot script or #cloud-config, run once by cloud-init (at most 64 KiB)",

@@ -2,7 +2,6 @@
 // agent parses it with before anything is sent: a request the agent would
 // refuse is a usage error here, without a broker round trip.
 import { homedir } from "node:os";
-import { messageOf } from "../_utils.ts";
 import { UsageError } from "../errors.ts";
 import type { VmCommand } from "../fleet.ts";
 import {
@@ -28,13 +27,13 @@ export const checked = <C extends CommandName>(
 };
 
 /**
- * The init script's text, read a little past the protocol's limit: the schema
- * still decides, from a text that is over the limit.
+ * The init script's text: a regular file within the protocol's limit, which
+ * counts bytes as the file does, so a file that fits is a script that fits.
  */
 export const readInitScript = (path: string): Promise<string> =>
   readBoundedText(path, MAX_INIT_SCRIPT_BYTES, {
-    unreadable: (error) => `Cannot read the init script ${path}: ${messageOf(error)}`,
-    notText: `The init script ${path} is not UTF-8 text`,
+    label: "the init script",
+    tooBig: "is over 64 KiB: init-script must be at most 64 KiB (65536 bytes of UTF-8)",
   });
 
 type Publish = CreateVmOptions["publish"][number];

@@ -198,8 +198,10 @@ const failed = async (error: unknown, trail: Trail, root: CommandDef, io: Io): P
     io.stderr.write(`error: ${error.message}\n${error.hint ? `${error.hint}\n` : ""}`);
     return error.exitCode;
   }
+  // The class says what kind of bug it is (TypeError, RangeError); the build keeps class names.
+  const described = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
   io.stderr.write(
-    `error: internal error: ${messageOf(error)}\n` +
+    `error: internal error: ${described}\n` +
       "This is a bug in aetherscale; run again with --verbose and report what it prints.\n",
   );
   return EXIT.failed;

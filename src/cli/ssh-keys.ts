@@ -4,7 +4,6 @@
 import { access } from "node:fs/promises";
 import { homedir } from "node:os";
 import { join } from "node:path";
-import { messageOf } from "../_utils.ts";
 import { UsageError } from "../errors.ts";
 import { readBoundedText } from "./text-files.ts";
 
@@ -31,12 +30,9 @@ export const defaultKeyFiles = (home: string): string[] => [
 /** The key lines of one file: blank lines and `#` comments skipped, at least one key. */
 export const readSshKeyFile = async (path: string): Promise<SshKeyLine[]> => {
   const text = await readBoundedText(path, MAX_KEY_FILE_BYTES, {
-    unreadable: (error) => `Cannot read the SSH key file ${path}: ${messageOf(error)}`,
-    notText: `The SSH key file ${path} is not UTF-8 text`,
+    label: "the SSH key file",
+    tooBig: "is over 256 KiB: it is no public key file",
   });
-  if (text.length > MAX_KEY_FILE_BYTES) {
-    throw new UsageError(`The SSH key file ${path} is over 256 KiB: it is no public key file`);
-  }
   if (text.includes("PRIVATE KEY")) {
     throw new UsageError(
       `The SSH key file ${path} holds a private key; nothing was sent`,

@@ -1,40 +1,77 @@
 // Reading a small text file the user names (an init script, SSH keys) without
-// trusting its size: a huge file, or /dev/zero, is never read whole.
-import { open } from "node:fs/promises";
+// trusting what it is: a FIFO holds the open (or a read) for ever until
+// someone writes, /dev/zero never ends, a directory has no text. So only a
+// regular file is read, and never past its limit.
+import { constants, type Stats } from "node:fs";
+import { type FileHandle, open } from "node:fs/promises";
+import { messageOf } from "../_utils.ts";
 import { UsageError } from "../errors.ts";
 
+export type TextFileWords = {
+  /** What the file is to the user, with its article: "the init script". */
+  label: string;
+  /** What follows the file's name when it is over the limit: "is over 64 KiB: ...". */
+  tooBig: string;
+};
+
+/** What a file that is not a regular file is, in words. */
+export const fileKind = (info: Stats): string => {
+  if (info.isDirectory()) return "a directory";
+  if (info.isFIFO()) return "a FIFO (named pipe)";
+  if (info.isCharacterDevice()) return "a character device";
+  if (info.isBlockDevice()) return "a block device";
+  if (info.isSocket()) return "a socket";
+  return "not a regular file";
+};
+
+const capitalized = (text: string): string => text.charAt(0).toUpperCase() + text.slice(1);
+
 /**
- * The file's text, read up to a little past `maxBytes`, so that whoever
- * decides can still see the text is over the limit. "A little" is one byte
- * more than the longest partial character the decoder may hold back.
+ * The text of a regular file of at most `maxBytes` bytes. Anything else is a
+ * usage error naming the file and what is wrong with it, at once: nothing
+ * waits for a writer, and at most `maxBytes + 1` bytes are ever read.
  */
 export const readBoundedText = async (
   path: string,
   maxBytes: number,
-  words: { unreadable: (error: unknown) => string; notText: string },
+  words: TextFileWords,
 ): Promise<string> => {
-  const buffer = Buffer.alloc(maxBytes + 4);
-  let length = 0;
+  const named = `${words.label} ${path}`;
+  let file: FileHandle;
   try {
-    const file = await open(path, "r");
-    try {
-      while (length < buffer.length) {
-        const { bytesRead } = await file.read(buffer, length, buffer.length - length, null);
-        if (bytesRead === 0) break;
-        length += bytesRead;
-      }
-    } finally {
-      await file.close();
+    // Non-blocking: a FIFO with no writer opens at once (to be refused below) instead of never.
+    file = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  } catch (error) {
+    throw new UsageError(`Cannot read ${named}: ${messageOf(error)}`);
+  }
+  let length = 0;
+  const buffer = Buffer.alloc(maxBytes + 1);
+  try {
+    // The file opened is the file judged: a name swapped for a FIFO meanwhile is caught here.
+    const info = await file.stat();
+    if (!info.isFile()) {
+      throw new UsageError(
+        `${capitalized(named)} is ${fileKind(info)}, not a regular file`,
+        "Give a regular file: a pipe or a device is not read (write its text to a file first)",
+      );
+    }
+    if (info.size > maxBytes) throw new UsageError(`${capitalized(named)} ${words.tooBig}`);
+    // The size was a promise, not a bound: a file growing meanwhile is still read no further.
+    while (length < buffer.length) {
+      const { bytesRead } = await file.read(buffer, length, buffer.length - length, null);
+      if (bytesRead === 0) break;
+      length += bytesRead;
     }
   } catch (error) {
-    throw new UsageError(words.unreadable(error));
+    if (error instanceof UsageError) throw error;
+    throw new UsageError(`Cannot read ${named}: ${messageOf(error)}`);
+  } finally {
+    await file.close();
   }
+  if (length > maxBytes) throw new UsageError(`${capitalized(named)} ${words.tooBig}`);
   try {
-    // Cut short, the text may end inside a character: that alone is no reason to refuse it.
-    return new TextDecoder("utf-8", { fatal: true }).decode(buffer.subarray(0, length), {
-      stream: length === buffer.length,
-    });
+    return new TextDecoder("utf-8", { fatal: true }).decode(buffer.subarray(0, length));
   } catch {
-    throw new UsageError(words.notText);
+    throw new UsageError(`${capitalized(named)} is not UTF-8 text`);
   }
 };

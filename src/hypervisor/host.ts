@@ -345,7 +345,7 @@ export class Host {
         run = await this.driver.create(firstBoot(moved));
       }
     } catch (error) {
-      log.error(`VM ${id} could not be created: ${String(error)}`);
+      log.error(`VM ${id} could not be created: ${messageOf(error)}`);
       await this.driver.destroy(this.spec(record)).catch(() => undefined);
       // Gone from memory at once, as from the host; from the disk as soon as it allows.
       this.forget(id);
@@ -363,9 +363,13 @@ export class Host {
     return this.exclusive(vmId, "starting", context.deadline, async () => {
       const record = this.record(vmId);
       if (record.status === "running") {
-        return { status: "starting", "vm-id": vmId, hint: `VM "${vmId}" was already started` };
+        return { status: "starting", "vm-id": vmId, hint: `VM "${vmId}" is already running` };
       }
       this.assertSettled(record);
+      // Each boot opens the base's chain again: it must still pass the check it passed at create.
+      await this.images.resolve(record.image).catch((error: unknown) => {
+        throw new CommandError(`Cannot start VM ${vmId}: ${messageOf(error)}`);
+      });
       const current = await this.withSshForward(record);
       // Nothing starts that could not be recorded: the disk must take a write first.
       await this.commit(this.store.begin());
@@ -638,7 +642,7 @@ export class Host {
       // Kept in memory when the disk refuses it; the store says so once, and writes it later.
       await this.settle(vmId, { status: "crashed", pid: null, "last-error": reason });
     }).catch((error: unknown) =>
-      log.error(`Could not record that VM ${vmId} crashed: ${String(error)}`),
+      log.error(`Could not record that VM ${vmId} crashed: ${messageOf(error)}`),
     );
   }
 
@@ -651,7 +655,7 @@ export class Host {
         const run = await this.driver
           .reattach(this.spec(record), record.pid)
           .catch((error: unknown) => {
-            log.warn(`Could not re-attach to VM ${record["vm-id"]}: ${String(error)}`);
+            log.warn(`Could not re-attach to VM ${record["vm-id"]}: ${messageOf(error)}`);
             return null;
           });
         const next: VmRecord = run

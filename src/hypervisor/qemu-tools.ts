@@ -5,7 +5,7 @@ import { accessSync, constants } from "node:fs";
 import { access, open, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import * as v from "valibot";
-import { withTimeout } from "../_utils.ts";
+import { messageOf, withTimeout } from "../_utils.ts";
 import { HypervisorError } from "../errors.ts";
 
 export const DEFAULT_QEMU_BINARY = "qemu-system-x86_64";
@@ -172,14 +172,78 @@ export const runTool = (
 export const tailOf = (text: string, lines = 6): string =>
   text.trim().split("\n").slice(-lines).join("\n").trim();
 
+/** The first bytes of a qcow2 file: magic "QFI\xfb", then its version. */
+const QCOW2_MAGIC = 0x514649fb;
+/** A version 3 header up to and including its incompatible feature bits. */
+export const QCOW2_HEADER_BYTES = 80;
+/** Incompatible feature bit 2: the guest's data lives in another file, named in a header extension. */
+const EXTERNAL_DATA_FILE = 1n << 2n;
+
+export type Qcow2Header = {
+  version: number;
+  /** The image keeps its data in another file (`qemu-img create -o data_file=...`). */
+  externalDataFile: boolean;
+};
+
+/**
+ * What the first bytes of a file say, where they are a qcow2 header; null
+ * where they are not one (QEMU would probe such a file as raw, or as another
+ * format qemu-img names).
+ */
+export const parseQcow2Header = (bytes: Uint8Array): Qcow2Header | null => {
+  if (bytes.length < 8) return null;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (view.getUint32(0) !== QCOW2_MAGIC) return null;
+  const version = view.getUint32(4);
+  const incompatible = version >= 3 && bytes.length >= 80 ? view.getBigUint64(72) : 0n;
+  return { version, externalDataFile: (incompatible & EXTERNAL_DATA_FILE) !== 0n };
+};
+
+/**
+ * The qcow2 header of a regular file, read without letting the open block
+ * (a FIFO put in its place would hold an open for ever); null where the file
+ * holds none.
+ */
+export const readQcow2Header = async (path: string): Promise<Qcow2Header | null> => {
+  const file = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  try {
+    if (!(await file.stat()).isFile()) {
+      throw new HypervisorError(`${path} is not a regular file`);
+    }
+    const buffer = Buffer.alloc(QCOW2_HEADER_BYTES);
+    const { bytesRead } = await file.read(buffer, 0, buffer.length, 0);
+    return parseQcow2Header(buffer.subarray(0, bytesRead));
+  } finally {
+    await file.close();
+  }
+};
+
+/**
+ * The format QEMU is to open a checked base image with: qcow2 where the file
+ * starts with a qcow2 header of a version QEMU's qcow2 driver takes, raw
+ * otherwise. The image check has already refused every other format qemu-img
+ * would have probed, so between these two the header decides, as it does for
+ * QEMU's own probe.
+ */
+export const baseFormatOf = async (base: string): Promise<"qcow2" | "raw"> => {
+  const header = await readQcow2Header(base);
+  return header !== null && header.version >= 2 ? "qcow2" : "raw";
+};
+
 /** Makes `disk` a qcow2 overlay whose backing file is `base`, so the base image is never written. */
 export const createOverlay = async (qemuImg: string, base: string, disk: string): Promise<void> => {
-  const result = await runTool([qemuImg, "create", "-f", "qcow2", "-b", base, "-F", "qcow2", disk]);
+  // The base's format is written into the overlay: QEMU never probes it again at a later boot.
+  const format = await baseFormatOf(base).catch((error: unknown) => {
+    throw new HypervisorError(`Could not read the base image ${base}: ${messageOf(error)}`, {
+      cause: error,
+    });
+  });
+  const result = await runTool([qemuImg, "create", "-f", "qcow2", "-b", base, "-F", format, disk]);
   if (result.code !== 0) {
     throw new HypervisorError(
       `qemu-img could not create the disk ${disk} on top of ${base}: ${tailOf(result.stderr) || `exit code ${result.code}`}`,
       {
-        hint: `Check that ${base} is a readable qcow2 image and that the state directory is writable`,
+        hint: `Check that ${base} is a readable ${format} image and that the state directory is writable`,
       },
     );
   }
@@ -193,29 +257,58 @@ const ImageInfo = v.looseObject({
   "backing-filename": v.optional(v.string()),
   "full-backing-filename": v.optional(v.string()),
   "backing-filename-format": v.optional(v.string()),
+  encrypted: v.optional(v.boolean()),
+  "format-specific": v.optional(
+    v.looseObject({
+      type: v.string(),
+      data: v.optional(v.looseObject({ "data-file": v.optional(v.string()) })),
+    }),
+  ),
 });
 export type ImageInfo = v.InferOutput<typeof ImageInfo>;
 
-/** What `qemu-img info` says about one image file (not its backing chain). */
-export const readImageInfo = async (qemuImg: string, file: string): Promise<ImageInfo> => {
+/** qemu-img ran and refused the file: not an image it can read, or not in the shape we read. */
+export class ImageUnreadableError extends HypervisorError {}
+
+export type ImageInfoOptions = {
+  /** Open the file as this format; without it qemu-img probes, as QEMU does for a backing file of unnamed format. */
+  format?: string | undefined;
+  timeoutMs?: number;
+};
+
+/**
+ * What `qemu-img info` says about one image file. Its backing file is not
+ * opened (qemu-img info leaves it closed without --backing-chain), so a
+ * caller can look at each file a chain names before anything opens it.
+ */
+export const readImageInfo = async (
+  qemuImg: string,
+  file: string,
+  options: ImageInfoOptions = {},
+): Promise<ImageInfo> => {
   // -U: a running VM holds a write lock on its disk; reading its metadata is still safe.
-  const result = await runTool([qemuImg, "info", "-U", "--output=json", file]);
+  const format = options.format === undefined ? [] : ["-f", options.format];
+  const result = await runTool([qemuImg, "info", "-U", ...format, "--output=json", file], {
+    ...(options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs }),
+  });
   if (result.code !== 0) {
-    throw new HypervisorError(
-      `qemu-img could not read the image ${file}: ${tailOf(result.stderr) || `exit code ${result.code}`}`,
+    // Killed (code null) says nothing about the file; an exit code is qemu-img's answer.
+    const Failure = result.code === null ? HypervisorError : ImageUnreadableError;
+    throw new Failure(
+      `qemu-img could not read the image ${file}: ${tailOf(result.stderr) || `exit code ${result.code ?? result.signal}`}`,
     );
   }
   let json: unknown;
   try {
     json = JSON.parse(result.stdout);
   } catch (error) {
-    throw new HypervisorError(`qemu-img printed something other than JSON for ${file}`, {
+    throw new ImageUnreadableError(`qemu-img printed something other than JSON for ${file}`, {
       cause: error,
     });
   }
   const parsed = v.safeParse(ImageInfo, json);
   if (!parsed.success) {
-    throw new HypervisorError(
+    throw new ImageUnreadableError(
       `qemu-img info for ${file} is not in the expected shape: ${v.summarize(parsed.issues)}`,
     );
   }

@@ -236,7 +236,12 @@ export class StateStore {
    * of an older format is migrated and written back at once.
    */
   static async open(dir: string, hostId: string, options: StoreOptions = {}): Promise<StateStore> {
-    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await mkdir(dir, { recursive: true, mode: 0o700 }).catch((error: unknown) => {
+      throw new StoreError(`Cannot use ${dir} as the state directory: ${messageOf(error)}`, {
+        hint: "Give --state-dir a directory (or a path where one can be made) that this user can write.",
+        cause: error,
+      });
+    });
     const lock = await StateLock.acquire(dir);
     try {
       const path = join(dir, STATE_FILE);

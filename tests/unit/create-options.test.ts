@@ -2,15 +2,21 @@
 // --publish, SSH keys from --ssh-key files or the user's usual key, and
 // --isolated; each checked against the protocol's schema before sending.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { execFileSync } from "node:child_process";
+import { mkdir, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "citty";
 import { createArgs } from "../../src/cli/args.ts";
-import { createFlagsFrom, createRequest, parsePublish } from "../../src/cli/requests.ts";
+import {
+  createFlagsFrom,
+  createRequest,
+  parsePublish,
+  readInitScript,
+} from "../../src/cli/requests.ts";
 import { nameKeyInReason, readSshKeyFile, sshKeyNote, sshKeysFor } from "../../src/cli/ssh-keys.ts";
 import { UsageError } from "../../src/errors.ts";
-import { MAX_SSH_KEYS } from "../../src/protocol/messages.ts";
+import { MAX_INIT_SCRIPT_BYTES, MAX_SSH_KEYS } from "../../src/protocol/messages.ts";
 
 const ALICE =
   "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG2deZeO9xlJptq7VOn19O6OqItYAFGDW9jQTzbNsHZ+ alice@laptop";
@@ -249,5 +255,67 @@ describe("the whole create-vm", () => {
       "ssh-keys": [ALICE, BOB],
       publish: [{ host: 8080, guest: 80 }, { guest: 53 }],
     });
+  });
+});
+
+describe("--init-script and --ssh-key files: a regular file within its limit, or an error at once", () => {
+  let fifo: string;
+  beforeAll(async () => {
+    fifo = join(dir, "fifo");
+    execFileSync("mkfifo", [fifo]);
+  });
+
+  // Each of these used to block for ever (a FIFO nobody writes to) or read
+  // until the limit (a device); now each is refused before a byte is read.
+  const NOT_FILES: Array<[string, () => string, string]> = [
+    ["a FIFO nobody writes to", () => fifo, "a FIFO (named pipe)"],
+    ["/dev/zero", () => "/dev/zero", "a character device"],
+    ["/dev/urandom", () => "/dev/urandom", "a character device"],
+    ["a directory", () => dir, "a directory"],
+  ];
+  for (const [what, path, kind] of NOT_FILES) {
+    test(`${what}: refused, naming the file and what it is`, async () => {
+      const script = await usageError(() => readInitScript(path()));
+      expect(script.message).toBe(`The init script ${path()} is ${kind}, not a regular file`);
+      expect(script.hint).toContain("Give a regular file");
+      const keys = await usageError(() => readSshKeyFile(path()));
+      expect(keys.message).toBe(`The SSH key file ${path()} is ${kind}, not a regular file`);
+    });
+  }
+
+  test("a symlink is followed, and judged by what it leads to", async () => {
+    const link = join(dir, "zero-link");
+    await symlink("/dev/zero", link);
+    expect((await usageError(() => readInitScript(link))).message).toBe(
+      `The init script ${link} is a character device, not a regular file`,
+    );
+  });
+
+  test("through the whole create: a FIFO init script is a usage error, nothing is sent", async () => {
+    const error = await usageError(() =>
+      createRequest({ image: "base", "init-script": fifo }, bareHome),
+    );
+    expect(error.message).toContain(`The init script ${fifo} is a FIFO (named pipe)`);
+    const keyError = await usageError(() =>
+      createRequest({ image: "base", "ssh-key": [fifo] }, bareHome),
+    );
+    expect(keyError.message).toContain(`The SSH key file ${fifo} is a FIFO (named pipe)`);
+  });
+
+  test("the limit is in bytes: 64 KiB of 2-byte characters pass, one more character does not", async () => {
+    const fits = await file("fits.sh", "é".repeat(MAX_INIT_SCRIPT_BYTES / 2));
+    expect(await readInitScript(fits)).toHaveLength(MAX_INIT_SCRIPT_BYTES / 2);
+    const over = await file("over.sh", "é".repeat(MAX_INIT_SCRIPT_BYTES / 2 + 1));
+    expect((await usageError(() => readInitScript(over))).message).toBe(
+      `The init script ${over} is over 64 KiB: init-script must be at most 64 KiB (65536 bytes of UTF-8)`,
+    );
+  });
+
+  test("an SSH key file of multi-byte text over 256 KiB is refused, not cut short and read", async () => {
+    // 100,000 characters but 300,000 bytes: counted in characters, it was under the limit.
+    const wide = await file("wide.pub", `${ALICE}\n# ${"€".repeat(100_000)}\n`);
+    expect((await usageError(() => readSshKeyFile(wide))).message).toBe(
+      `The SSH key file ${wide} is over 256 KiB: it is no public key file`,
+    );
   });
 });

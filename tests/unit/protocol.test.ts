@@ -2,7 +2,12 @@
 // else becomes one clear reason.
 import { describe, expect, test } from "bun:test";
 import { parseReply } from "../../src/protocol/envelope.ts";
-import { checkResponse, MAX_INIT_SCRIPT_BYTES, parseRequest } from "../../src/protocol/messages.ts";
+import {
+  checkResponse,
+  MAX_CPUS,
+  MAX_INIT_SCRIPT_BYTES,
+  parseRequest,
+} from "../../src/protocol/messages.ts";
 
 const parse = (value: unknown) =>
   parseRequest(Buffer.from(typeof value === "string" ? value : JSON.stringify(value)));
@@ -116,6 +121,59 @@ describe("limits are counted as the wire counts them", () => {
     const result = create("€".repeat(40_000));
     expect(result.ok).toBe(false);
     if (!result.ok) expect(result.reason).toContain("init-script must be at most 64 KiB");
+  });
+
+  test("the review's script, 192 KiB of 3-byte characters (64 Ki characters), is refused", () => {
+    const script = "€".repeat(64 * 1024);
+    expect(script.length).toBe(MAX_INIT_SCRIPT_BYTES);
+    const result = create(script);
+    expect(result.ok).toBe(false);
+    if (!result.ok) expect(result.reason).toContain("65536 bytes of UTF-8");
+  });
+
+  test("multi-byte characters up to exactly 64 KiB pass; one byte more does not", () => {
+    // 4-byte characters fill 64 KiB exactly; a 1-byte character on top tips it over.
+    const full = "😀".repeat(MAX_INIT_SCRIPT_BYTES / 4);
+    expect(create(full).ok).toBe(true);
+    expect(create(`${full}x`).ok).toBe(false);
+  });
+});
+
+describe("cpus and memory are bounded by what QEMU starts", () => {
+  const create = (options: Record<string, unknown>) =>
+    parse({ command: "create-vm", options: { image: "base", ...options } });
+
+  test(`cpus from 1 to ${MAX_CPUS} pass (QEMU's pc machine takes 255)`, () => {
+    expect(MAX_CPUS).toBe(255);
+    for (const cpus of [1, 2, MAX_CPUS]) expect(create({ cpus }).ok).toBe(true);
+  });
+
+  test("more cpus, or none, or a fraction, are refused saying the bound", () => {
+    for (const [cpus, words] of [
+      [MAX_CPUS + 1, `cpus must be at most ${MAX_CPUS}, the most QEMU's x86 machine takes`],
+      [1024, `cpus must be at most ${MAX_CPUS}`],
+      [0, "cpus must be at least 1"],
+      [1.5, "cpus must be a whole number"],
+      ["4", "cpus must be a number"],
+    ] as const) {
+      const result = create({ cpus });
+      expect(result.ok).toBe(false);
+      if (!result.ok) expect(result.reason).toContain(words);
+    }
+  });
+
+  test("memory is bounded on both sides, in whole MiB", () => {
+    expect(create({ memory: 16 }).ok).toBe(true);
+    expect(create({ memory: 1024 * 1024 }).ok).toBe(true);
+    for (const [memory, words] of [
+      [15, "memory must be at least 16 MiB"],
+      [1024 * 1024 + 1, "memory must be at most 1 TiB"],
+      [256.5, "memory must be a whole number of MiB"],
+    ] as const) {
+      const result = create({ memory });
+      expect(result.ok).toBe(false);
+      if (!result.ok) expect(result.reason).toContain(words);
+    }
   });
 });
 
