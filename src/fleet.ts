@@ -2,7 +2,9 @@
 // per kind of command, sent the way DESIGN §3 routes it, every reply checked
 // against its command's response schema.
 import { Buffer } from "node:buffer";
+import { LogLevels } from "consola/core";
 import { BrokerError } from "./errors.ts";
+import { logger } from "./log.ts";
 import { parseReply, type Reply } from "./protocol/envelope.ts";
 import {
   type CommandName,
@@ -14,6 +16,12 @@ import {
   vmRoute,
 } from "./protocol/messages.ts";
 import { Client, type ClientOptions, type Gathered } from "./routing/client.ts";
+import { redactUrl } from "./routing/connection.ts";
+import { COMPETING_QUEUE } from "./routing/topology.ts";
+
+// What the client does, step by step, for --verbose: where it connects, how
+// many agents it counts, and each reply with its host and time.
+const log = logger.withTag("client");
 
 export type { ClientOptions } from "./routing/client.ts";
 
@@ -40,6 +48,8 @@ export type Outcome<C extends CommandName> = {
   missing: number;
   /** A targeted command whose route no host holds (the broker returned it). */
   unrouted: boolean;
+  /** The VM a VM command was about. */
+  vmId?: string;
   /** Of the hosts the caller expected, those live but silent (when some were missing). */
   silent: string[];
 };
@@ -65,14 +75,45 @@ const checked = <C extends CommandName>(command: C, body: Buffer): HostReply<C> 
   return { ok: true, host, response: response.response, raw: reply };
 };
 
-const outcome = <C extends CommandName>(command: C, gathered: Gathered): Outcome<C> => ({
-  command,
-  replies: gathered.bodies.map((body) => checked(command, body)),
-  expected: gathered.expected,
-  missing: gathered.missing,
-  unrouted: gathered.unrouted,
-  silent: [],
-});
+const ms = (value: number): string => `${value.toFixed(1)} ms`;
+
+const outcome = <C extends CommandName>(command: C, gathered: Gathered): Outcome<C> => {
+  // A line per reply costs a string per reply: a gateway serving lists builds none of them.
+  const verbose = log.level >= LogLevels.debug;
+  const replies = gathered.bodies.map((body, index) => {
+    const reply = checked(command, body);
+    if (verbose) {
+      log.debug(
+        `${command} reply from host ${reply.host || "(unnamed)"} after ${ms(gathered.elapsedMs[index] ?? 0)}: ${reply.ok ? "success" : `error: ${reply.reason}`}`,
+      );
+    }
+    return reply;
+  });
+  if (gathered.unrouted)
+    log.debug(`the broker returned the ${command}: no queue is bound to its route`);
+  if (gathered.missing > 0) {
+    log.debug(
+      `${gathered.missing} of ${gathered.expected} answers to the ${command} did not come in time`,
+    );
+  }
+  return {
+    command,
+    replies,
+    expected: gathered.expected,
+    missing: gathered.missing,
+    unrouted: gathered.unrouted,
+    silent: [],
+  };
+};
+
+/** The count of live agents, said when --verbose asks. */
+const counted = async (count: Promise<number>, started: number): Promise<number> => {
+  const live = await count;
+  log.debug(
+    `${live} live agent(s) counted (consumers of ${COMPETING_QUEUE}) in ${ms(performance.now() - started)}`,
+  );
+  return live;
+};
 
 /** A request whose answers were cut off may or may not have run: say how to find out. */
 const unknownOutcome = (error: unknown): never => {
@@ -98,7 +139,13 @@ export class FleetClient {
   }
 
   static async connect(options: ClientOptions): Promise<FleetClient> {
-    return new FleetClient(await Client.connect(options));
+    const started = performance.now();
+    log.debug(
+      `connecting to ${redactUrl(options.url)} (timeout ${options.timeoutMs / 1000} s${options.caFile === undefined ? "" : `, CA ${options.caFile}`})`,
+    );
+    const client = await Client.connect(options);
+    log.debug(`connected in ${ms(performance.now() - started)}`);
+    return new FleetClient(client);
   }
 
   get url(): string {
@@ -112,11 +159,15 @@ export class FleetClient {
 
   /** A command for one VM, to the one host that holds it (`vm.<id>`, mandatory). */
   async toVm<C extends VmCommand>(request: Request<C>): Promise<Outcome<C>> {
-    const route = vmRoute(request.options["vm-id"]);
+    const vmId = request.options["vm-id"];
+    const route = vmRoute(vmId);
+    log.debug(
+      `sending ${request.command} by route ${route} (to the one host that holds VM ${vmId})`,
+    );
     const gathered = await this.client
       .send(encode(request), route, { expect: 1, mandatory: true })
       .catch(unknownOutcome);
-    return outcome(request.command, gathered);
+    return { ...outcome(request.command, gathered), vmId };
   }
 
   /** A create-vm to the competing queue: the first host with the image and room takes it. */
@@ -124,7 +175,12 @@ export class FleetClient {
     request: Request<typeof CREATE_COMMAND>,
     options: { messageId?: string } = {},
   ): Promise<Outcome<typeof CREATE_COMMAND>> {
-    if ((await this.client.liveAgents()) === 0) throw this.client.noAgents();
+    if ((await counted(this.client.liveAgents(), performance.now())) === 0) {
+      throw this.client.noAgents();
+    }
+    log.debug(
+      `sending ${CREATE_COMMAND} to ${COMPETING_QUEUE} (the first host with the image and room takes it)`,
+    );
     const gathered = await this.client
       .send(encode(request), CREATE_COMMAND, { expect: 1, mandatory: true, ...options })
       .catch(unknownOutcome);
@@ -142,9 +198,10 @@ export class FleetClient {
   ): Promise<Outcome<C>> {
     // The count of live agents is read while the request is already on its
     // way: the same agents answer, and the round trip is off the critical path.
+    log.debug(`sending ${request.command} to every live host`);
     const gathered = await this.client
       .send(encode(request), request.command, {
-        expect: this.client.liveAgents(),
+        expect: counted(this.client.liveAgents(), performance.now()),
         mandatory: false,
       })
       .catch(unknownOutcome);

@@ -288,7 +288,10 @@ describe("reaching VMs, against a fake-driver agent", () => {
       ["vm", "ssh", "zzzzzzzz", "--", "true"],
     ]) {
       const result = await cli(args, { env: env() });
-      expect(result.stderr).toBe("error: VM does not exist\n");
+      expect(result.stderr).toBe(
+        "error: VM does not exist: no live host holds VM zzzzzzzz\n" +
+          "Run `aetherscale vm list` to see the VMs you can use.\n",
+      );
       expect(result.code).toBe(1);
       expect(result.stdout).toBe("");
     }

@@ -166,6 +166,14 @@ export class HostHandler implements MessageHandler {
         const deleted = await host.deleteVm(request.options["vm-id"], { deadline });
         return this.success(deleted, { unbind: [vmRoute(deleted["vm-id"])] });
       }
+      case "list-snapshots":
+        return this.success(await host.listSnapshots(request.options["vm-id"]));
+      case "create-snapshot":
+        return this.success(await host.createSnapshot(request.options, { deadline }));
+      case "restore-snapshot":
+        return this.success(await host.restoreSnapshot(request.options, { deadline }));
+      case "delete-snapshot":
+        return this.success(await host.deleteSnapshot(request.options, { deadline }));
     }
   }
 

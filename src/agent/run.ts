@@ -7,10 +7,12 @@ import type { VmDriver } from "../hypervisor/driver.ts";
 import { FakeDriver } from "../hypervisor/drivers/fake.ts";
 import { Host, type HostNetwork } from "../hypervisor/host.ts";
 import { type AccelChoice, DEFAULT_QEMU_IMG, findExecutable } from "../hypervisor/qemu-tools.ts";
+import type { RestorePolicy } from "../hypervisor/restore.ts";
 import { logger } from "../log.ts";
 import { AgentConsumer } from "../routing/consumer.ts";
 import { VERSION } from "../version.ts";
 import { agentTopology, HostHandler } from "./handler.ts";
+import { noticeShutdownWait } from "./shutdown-notice.ts";
 
 const log = logger.withTag("agent");
 
@@ -31,6 +33,8 @@ export type AgentConfig = {
   accel: AccelChoice;
   /** Host ports for VMs' forwards, where QEMU publishes them and the address clients are told. */
   network: HostNetwork;
+  /** After a host reboot: start again the VMs that were running, or record them stopped. */
+  restore: RestorePolicy;
   url: string;
   caFile: string | undefined;
 };
@@ -99,6 +103,7 @@ export const runAgent = async (config: AgentConfig): Promise<void> => {
     stopTimeoutMs: config.stopTimeoutMs,
     version: VERSION,
     network: config.network,
+    restore: config.restore,
   });
   const { portRange, publishAddress, advertiseAddress } = config.network;
   log.info(
@@ -111,14 +116,15 @@ export const runAgent = async (config: AgentConfig): Promise<void> => {
     caFile: config.caFile,
     handler: new HostHandler(host),
   });
+  let stopNotices: () => void = () => undefined;
   try {
     await Promise.race([consumer.start(), signal]);
     log.ready(`agent ${hostId} is ready (aetherscale ${VERSION})`);
-    const received = await signal;
-    log.info(`${received}: finishing in-flight requests; VMs keep running`);
+    stopNotices = noticeShutdownWait(host, await signal, config.stopTimeoutMs);
   } finally {
     await consumer.stop();
     await host.close();
+    stopNotices();
   }
   log.success(`agent ${hostId} stopped`);
 };

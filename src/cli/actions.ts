@@ -12,15 +12,25 @@ import {
   type WaitFlags,
 } from "./args.ts";
 import { followConsole } from "./console.ts";
+import { imagesHint, imageWasMissing, liveImages } from "./images.ts";
 import { knownHosts, rememberHosts } from "./known-hosts.ts";
 import { emit, Reported, report, type View, withFeedback } from "./output.ts";
-import { type CreateFlags, consoleRequest, createRequest, vmRequest } from "./requests.ts";
+import {
+  type CreateFlags,
+  consoleRequest,
+  createRequest,
+  type SnapshotCommand,
+  snapshotRequest,
+  vmRequest,
+} from "./requests.ts";
 import { DEFAULT_SSH_USER, loginTarget, runSsh, sshKnownHostsFile } from "./ssh.ts";
 import { sshKeyNote } from "./ssh-keys.ts";
 import {
   consoleText,
   hostsTable,
+  imagesTable,
   reachableLine,
+  snapshotsView,
   statusLines,
   vmDetails,
   vmTable,
@@ -61,19 +71,24 @@ export const createVm = async (flags: CreateFlags & WaitFlags, json: boolean): P
   const { request, keys } = await createRequest(flags);
   const note = sshKeyNote(keys);
   if (note !== null) process.stderr.write(`${note}\n`);
-  const outcome = await withFeedback(
-    `a host to create the VM from "${request.options.image}"`,
-    withFleet(settings, (fleet) => fleet.create(request)),
-  );
-  emit(
-    report(outcome, {
-      json,
-      timeoutMs: settings.timeoutMs,
-      view: statusLines,
-      noAnswer: "no host answered the create-vm",
-      checkWith: "aetherscale vm list",
+  const { image } = request.options;
+  const { outcome, hint } = await withFeedback(
+    `a host to create the VM from "${image}"`,
+    withFleet(settings, async (fleet) => {
+      const outcome = await fleet.create(request);
+      // Asked while connected: which names would have worked.
+      const missing = imageWasMissing(outcome, image);
+      return { outcome, hint: missing ? imagesHint(await liveImages(fleet)) : null };
     }),
   );
+  const rendered = report(outcome, {
+    json,
+    timeoutMs: settings.timeoutMs,
+    view: statusLines,
+    noAnswer: "no host answered the create-vm",
+    checkWith: "aetherscale vm list",
+  });
+  emit(hint === null ? rendered : { ...rendered, stderr: `${rendered.stderr}${hint}\n` });
   const created = outcome.replies[0];
   await waitIfAsked(created?.ok ? created.response["vm-id"] : undefined, waitMs, flags, json);
 };
@@ -84,7 +99,10 @@ const toVm = async <C extends VmCommand>(
   json: boolean,
   view: View<C>,
 ): Promise<void> => {
-  const reads = request.command === "vm-info" || request.command === "vm-console";
+  const reads =
+    request.command === "vm-info" ||
+    request.command === "vm-console" ||
+    request.command === "list-snapshots";
   const settings = clientSettingsFrom(flags, reads ? "read" : "change");
   const vmId = request.options["vm-id"];
   const outcome = await withFeedback(
@@ -104,6 +122,15 @@ const toVm = async <C extends VmCommand>(
 
 export const vmInfo = (vmId: string, flags: ClientFlags, json: boolean): Promise<void> =>
   toVm(vmRequest("vm-info", vmId), flags, json, vmDetails);
+
+/** `vm snapshot create|list|restore|delete`: what was done, and the VM's snapshots after it. */
+export const vmSnapshot = (
+  command: SnapshotCommand,
+  vmId: string,
+  name: string | undefined,
+  flags: ClientFlags,
+  json: boolean,
+): Promise<void> => toVm(snapshotRequest(command, vmId, name), flags, json, snapshotsView);
 
 /** start-vm, stop-vm (`kill`), delete-vm. */
 export const changeVm = (
@@ -189,3 +216,7 @@ export const listVms = (flags: ClientFlags, json: boolean): Promise<void> =>
 
 export const listHosts = (flags: ClientFlags, json: boolean): Promise<void> =>
   broadcast({ command: "list-hosts", options: {} }, flags, json, hostsTable);
+
+/** Each host's images, from the same list-hosts replies as `hosts`. */
+export const listImages = (flags: ClientFlags, json: boolean): Promise<void> =>
+  broadcast({ command: "list-hosts", options: {} }, flags, json, imagesTable);

@@ -14,6 +14,7 @@ import {
 } from "../hypervisor/ports.ts";
 import { filesIn } from "../hypervisor/qemu-devices.ts";
 import type { AccelChoice } from "../hypervisor/qemu-tools.ts";
+import { DEFAULT_RESTORE, RESTORE_POLICIES, type RestorePolicy } from "../hypervisor/restore.ts";
 import { describeIssues } from "../protocol/envelope.ts";
 import { HostId } from "../protocol/messages.ts";
 import { integerArg, resolveAmqpUrl, resolveCaFile, secondsArg } from "./args.ts";
@@ -33,6 +34,7 @@ export type AgentFlags = {
   "port-range"?: string;
   "publish-address"?: string;
   "advertise-address"?: string;
+  restore?: string;
 };
 
 const ACCEL_CHOICES: readonly AccelChoice[] = ["auto", "kvm", "tcg"];
@@ -41,6 +43,14 @@ const accelFrom = (flag: string | undefined): AccelChoice => {
   const choice = ACCEL_CHOICES.find((known) => known === (flag ?? "auto"));
   if (choice === undefined) {
     throw new UsageError(`--accel must be auto, kvm or tcg, not "${String(flag).slice(0, 40)}"`);
+  }
+  return choice;
+};
+
+const restoreFrom = (flag: string | undefined): RestorePolicy => {
+  const choice = RESTORE_POLICIES.find((known) => known === (flag ?? DEFAULT_RESTORE));
+  if (choice === undefined) {
+    throw new UsageError(`--restore must be running or none, not "${String(flag).slice(0, 40)}"`);
   }
   return choice;
 };
@@ -149,6 +159,7 @@ export const agentConfigFrom = (flags: AgentFlags): AgentConfig => {
     fakeBootMs: integerArg("fake-boot-ms", flags["fake-boot-ms"] ?? "0", { min: 0, max: 600_000 }),
     stopTimeoutMs: secondsArg("stop-timeout", flags["stop-timeout"] ?? "30"),
     accel: accelFrom(flags.accel),
+    restore: restoreFrom(flags.restore),
     network: networkFrom(flags),
     stateDir,
     imagesDir: resolve(flags["images-dir"] || defaultImagesDir()),

@@ -1,8 +1,11 @@
 // Flags shared by several commands, declared once and spread into each, and
 // the few conversions of a flag's text that are the command line's own. What
 // a request may contain is the protocol schemas' business, not this file's.
+import { statSync } from "node:fs";
 import type { ArgsDef } from "citty";
 import { UsageError } from "../errors.ts";
+import { redactUrl } from "../routing/connection.ts";
+import { fileErrorText } from "./text-files.ts";
 
 export const connectionArgs = {
   "amqp-url": {
@@ -17,17 +20,27 @@ export const connectionArgs = {
       "PEM file of the CA that signed the broker's TLS certificate (env AETHERSCALE_AMQP_CA)",
     valueHint: "file",
   },
-  verbose: { type: "boolean", description: "Log what happens, to stderr", default: false },
+  verbose: {
+    type: "boolean",
+    description:
+      "Show on stderr what happens: the broker, the live agents counted, each reply's host and time, stack traces",
+    default: false,
+  },
 } as const satisfies ArgsDef;
 
-export const clientArgs = {
+/** What every client command takes but --json: the tutorial's names always print JSON. */
+export const tutorialArgs = {
   ...connectionArgs,
   timeout: {
     type: "string",
     description:
-      "Seconds to wait for answers (default 10 for list, info, hosts, ssh, console; 90 for create, start, stop, delete)",
+      "Seconds to wait for answers (default 10 for list, info, hosts, images, ssh, console; 90 for create, start, stop, delete)",
     valueHint: "seconds",
   },
+} as const satisfies ArgsDef;
+
+export const clientArgs = {
+  ...tutorialArgs,
   json: { type: "boolean", description: "Print the replies as a JSON array", default: false },
 } as const satisfies ArgsDef;
 
@@ -101,8 +114,8 @@ export const repeatedValues = (rawArgs: string[], name: string): string[] => {
   return values;
 };
 
-export const createArgs = {
-  ...clientArgs,
+/** What a create-vm asks for, as `vm create` and the tutorial's `create-vm` take it. */
+const createOptionArgs = {
   image: {
     type: "string",
     description: "Name of the base image",
@@ -133,8 +146,10 @@ export const createArgs = {
     description: "Keep the VM off every network but its forwarded ports",
     default: false,
   },
-  ...waitArgs,
 } as const satisfies ArgsDef;
+
+export const createArgs = { ...clientArgs, ...createOptionArgs, ...waitArgs } as const;
+export const tutorialCreateArgs = { ...tutorialArgs, ...createOptionArgs, ...waitArgs } as const;
 
 export const sshArgs = {
   ...connectionArgs,
@@ -239,6 +254,13 @@ export const agentArgs = {
       "Address clients are told to reach forwarded ports at (default: the publish address, or this host's name for 0.0.0.0)",
     valueHint: "host",
   },
+  restore: {
+    type: "enum",
+    options: ["running", "none"],
+    description:
+      "After a host reboot: start again the VMs that were running (running), or record them stopped (none)",
+    default: "running",
+  },
 } as const satisfies ArgsDef;
 
 export type ConnectionFlags = { "amqp-url"?: string; "amqp-ca"?: string };
@@ -246,15 +268,51 @@ export type ClientFlags = ConnectionFlags & { timeout?: string; json?: boolean }
 /** `--wait` and its limit, as `vm create` and `vm start` take them. */
 export type WaitFlags = { wait?: boolean; "wait-timeout"?: string };
 
+const AMQP_SCHEMES: ReadonlySet<string> = new Set(["amqp:", "amqps:"]);
+
+/** The broker's URL, which must be one: an http:// URL (the management UI's) is a usage error. */
+const amqpUrl = (url: string, from: string): string => {
+  let scheme: string | null = null;
+  try {
+    scheme = new URL(url).protocol;
+  } catch {
+    // Not a URL at all: said below like a wrong scheme.
+  }
+  if (scheme !== null && AMQP_SCHEMES.has(scheme)) return url;
+  throw new UsageError(
+    `${from} must be an amqp:// or amqps:// URL, not "${redactUrl(url).slice(0, 80)}"`,
+    "For example --amqp-url amqp://user:password@host:5672/vhost (amqps:// for TLS); RabbitMQ's AMQP port is 5672 (5671 with TLS), not the management UI's 15672.",
+  );
+};
+
 export const resolveAmqpUrl = (flag: string | undefined, env = process.env): string => {
-  if (flag) return flag;
-  if (env.AETHERSCALE_AMQP_URL) return env.AETHERSCALE_AMQP_URL;
-  if (env.RABBITMQ_HOST) return `amqp://${env.RABBITMQ_HOST}`;
+  if (flag) return amqpUrl(flag, "--amqp-url");
+  if (env.AETHERSCALE_AMQP_URL) return amqpUrl(env.AETHERSCALE_AMQP_URL, "AETHERSCALE_AMQP_URL");
+  if (env.RABBITMQ_HOST) {
+    return amqpUrl(`amqp://${env.RABBITMQ_HOST}`, "amqp://$RABBITMQ_HOST");
+  }
   return "amqp://localhost";
 };
 
-export const resolveCaFile = (flag: string | undefined, env = process.env): string | undefined =>
-  flag || env.AETHERSCALE_AMQP_CA || undefined;
+/** The CA file, when one is named; one that cannot be read is a usage error before anything connects. */
+export const resolveCaFile = (flag: string | undefined, env = process.env): string | undefined => {
+  const file = flag || env.AETHERSCALE_AMQP_CA || undefined;
+  if (file === undefined) return undefined;
+  const from = flag ? "--amqp-ca" : "AETHERSCALE_AMQP_CA";
+  let regular: boolean;
+  try {
+    regular = statSync(file).isFile();
+  } catch (error) {
+    throw new UsageError(
+      `Cannot read the CA file ${file} (${from}): ${fileErrorText(error)}`,
+      "Give the PEM file of the CA that signed the broker's certificate.",
+    );
+  }
+  if (!regular) {
+    throw new UsageError(`The CA file ${file} (${from}) is not a regular file`);
+  }
+  return file;
+};
 
 const DECIMAL = /^[+-]?\d+(\.\d+)?$/;
 

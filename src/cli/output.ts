@@ -62,12 +62,22 @@ const lines = (parts: string[]): string => parts.map((part) => `${part}\n`).join
 
 const seconds = (ms: number): string => `${Number((ms / 1000).toFixed(1))} s`;
 
-// The broker returned the message: for a VM command no host holds that VM;
-// for a create, no agent has ever bound the competing queue on this vhost.
-const unroutedReason = (command: CommandName): string =>
+// The broker returned the message: for a VM command no host holds that VM
+// (the tutorial's words first: scripts match them); for a create, no agent
+// has ever bound the competing queue on this vhost.
+const unroutedReason = (command: CommandName, vmId: string | undefined): string =>
   command === CREATE_COMMAND
     ? "No aetherscale agent received the create-vm: none is connected to this broker and vhost"
-    : Reasons.vmDoesNotExist;
+    : vmId === undefined
+      ? Reasons.vmDoesNotExist
+      : `${Reasons.vmDoesNotExist}: no live host holds VM ${vmId}`;
+
+/** What to do about a VM that does not exist: the id was mistyped, or the VM is gone, or another user's. */
+export const UNKNOWN_VM_HINT = "Run `aetherscale vm list` to see the VMs you can use.";
+
+/** What to do when every live host with the image is full. */
+export const NO_CAPACITY_HINT =
+  "`aetherscale hosts` shows each host's VMs and memory against its limits: delete a VM you no longer need (`aetherscale vm delete ID`), ask for less --memory, or start an agent on another host.";
 
 const missingLines = <C extends CommandName>(
   outcome: Outcome<C>,
@@ -108,14 +118,19 @@ export const report = <C extends CommandName>(
   const stderr: string[] = [];
   const successes: Success<C>[] = [];
   let failed = outcome.unrouted;
+  let unknownVm = outcome.unrouted && outcome.command !== CREATE_COMMAND;
+  let noCapacity = false;
   for (const reply of outcome.replies) {
     if (reply.ok) {
       successes.push({ host: reply.host, response: reply.response });
       continue;
     }
     failed = true;
+    // With --json the host's error is in the array; stderr says only what the array cannot.
     if (!options.json || reply.raw === null) {
       stderr.push(`error: ${reply.reason}${reply.host ? ` (host ${reply.host})` : ""}`);
+      unknownVm ||= reply.reason === Reasons.vmDoesNotExist;
+      noCapacity ||= reply.reason === Reasons.noCapacity;
     }
   }
   if (options.json) {
@@ -130,7 +145,9 @@ export const report = <C extends CommandName>(
     const text = options.view(successes);
     if (text) stdout.push(text);
   }
-  if (outcome.unrouted) stderr.push(`error: ${unroutedReason(outcome.command)}`);
+  if (outcome.unrouted) stderr.push(`error: ${unroutedReason(outcome.command, outcome.vmId)}`);
+  if (unknownVm) stderr.push(UNKNOWN_VM_HINT);
+  if (noCapacity) stderr.push(NO_CAPACITY_HINT);
   if (outcome.missing > 0) stderr.push(...missingLines(outcome, options));
   return {
     stdout: lines(stdout),

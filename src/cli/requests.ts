@@ -121,6 +121,24 @@ export const vmRequest = <C extends Exclude<VmCommand, "vm-console">>(
   return checked(command, { command, options } as Request<C>);
 };
 
+export type SnapshotCommand =
+  | "create-snapshot"
+  | "list-snapshots"
+  | "restore-snapshot"
+  | "delete-snapshot";
+
+/** A snapshot command for a VM, with the snapshot's name where one is given. */
+export const snapshotRequest = <C extends SnapshotCommand>(
+  command: C,
+  vmId: string,
+  name?: string,
+): Request<C> =>
+  // Request<C> is a union mapped over C; TypeScript cannot tie the literal to it.
+  checked(command, {
+    command,
+    options: { "vm-id": vmId, ...(name === undefined ? {} : { name }) },
+  } as Request<C>);
+
 /** A piece of the console: its last `bytes`, or from `offset` on. */
 export const consoleRequest = (
   vmId: string,

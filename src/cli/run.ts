@@ -32,10 +32,53 @@ const resolve = async <T>(value: Resolvable<T>): Promise<T> =>
 class Trail {
   readonly help: boolean;
   readonly path: CommandDef[] = [];
+  /**
+   * Whether the command's own run began: its flags were then all known and
+   * given, so a usage error is about a value, which one line explains better
+   * than the whole usage.
+   */
+  running = false;
   constructor(help: boolean) {
     this.help = help;
   }
 }
+
+/**
+ * Edit distance, for "did you mean": a typo is a letter or two off, or two
+ * letters swapped (optimal string alignment).
+ */
+const distance = (a: string, b: string): number => {
+  const d = Array.from({ length: a.length + 1 }, (_, i) =>
+    Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)),
+  );
+  const at = (i: number, j: number): number => d[i]?.[j] ?? 0;
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      let best = Math.min(at(i - 1, j) + 1, at(i, j - 1) + 1, at(i - 1, j - 1) + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) {
+        best = Math.min(best, at(i - 2, j - 2) + 1);
+      }
+      const row = d[i];
+      if (row !== undefined) row[j] = best;
+    }
+  }
+  return at(a.length, b.length);
+};
+
+/** The known name closest to a mistyped one, when one is close enough to be meant. */
+export const closest = (given: string, known: string[]): string | undefined => {
+  const scored = known
+    .map((name) => ({ name, score: distance(given, name) }))
+    .filter(
+      ({ name, score }) =>
+        score <= Math.max(1, Math.floor(name.length / 4)) ||
+        name.startsWith(given) ||
+        given.startsWith(name),
+    )
+    .sort((a, b) => a.score - b.score);
+  return scored[0]?.name;
+};
 
 const HELP = new Set(["--help", "-h"]);
 const VERSION = new Set(["--version", "-v"]);
@@ -95,7 +138,20 @@ export const checkFlags = (args: ArgsDef, rawArgs: string[], group: boolean): vo
     }
     const flag = arg.split("=")[0] ?? arg;
     const def = lookup(args, flag);
-    if (def === undefined) throw new UsageError(`Unknown option ${flag.slice(0, 40)}`);
+    if (def === undefined) {
+      const names = Object.entries(args)
+        .filter(([, known]) => known.type !== "positional")
+        .map(([name]) => `--${name}`);
+      const meant = flag.startsWith("--") ? closest(flag, names) : undefined;
+      throw new UsageError(
+        `Unknown option ${flag.slice(0, 40)}`,
+        meant !== undefined
+          ? `Did you mean ${meant}?`
+          : group
+            ? "Options go after the command they belong to: aetherscale vm list --json"
+            : undefined,
+      );
+    }
     if (takesValue(def) && !arg.includes("=")) {
       const value = rawArgs[i + 1];
       if (value === undefined || value.startsWith("--")) {
@@ -147,7 +203,13 @@ const wrap = (cmd: CommandDef, trail: Trail): CommandDef => {
         ? undefined
         : async () => wrapTable(await resolve(subCommands), trail),
     // With --help, nothing runs: the last command entered is the one to explain.
-    run: trail.help ? undefined : cmd.run,
+    run:
+      trail.help || cmd.run === undefined
+        ? undefined
+        : (context) => {
+            trail.running = true;
+            return cmd.run?.(context);
+          },
   };
 };
 
@@ -161,10 +223,20 @@ const usageOf = async (path: CommandDef[], root: CommandDef): Promise<string> =>
   return renderUsage(cmd, { meta: { name: names.join(" "), version } });
 };
 
-const knownCommands = async (cmd: CommandDef | undefined): Promise<string | undefined> => {
+/** The commands a group knows, and the one a mistyped name probably meant. */
+const knownCommands = async (
+  cmd: CommandDef | undefined,
+  given: string | undefined,
+): Promise<string | undefined> => {
   if (cmd?.subCommands === undefined) return undefined;
-  return `Known commands: ${Object.keys(await resolve(cmd.subCommands)).join(", ")}.`;
+  const names = Object.keys(await resolve(cmd.subCommands));
+  const meant = given === undefined ? undefined : closest(given, names);
+  return `${meant === undefined ? "" : `Did you mean ${meant}? `}Known commands: ${names.join(", ")}.`;
 };
+
+/** `aetherscale vm create`: the command the trail ends at, as it is typed. */
+const commandLine = async (path: CommandDef[]): Promise<string> =>
+  (await Promise.all(path.map(async (cmd) => (await metaOf(cmd)).name))).join(" ");
 
 /** citty's errors (unknown command, missing argument) carry a code; it exports no class. */
 const cittyCode = (error: unknown): string | null =>
@@ -181,13 +253,20 @@ export const forStream = (stream: Stream, text: string): string =>
 const failed = async (error: unknown, trail: Trail, root: CommandDef, io: Io): Promise<number> => {
   if (error instanceof Reported) return error.exitCode;
   const code = cittyCode(error);
+  if (error instanceof UsageError && trail.running) {
+    // A value the command refused: the line says which and why; the usage would bury it.
+    const help = `Run \`${await commandLine(trail.path)} --help\` for its flags.`;
+    io.stderr.write(`error: ${error.message}\n${error.hint ?? help}\n`);
+    return EXIT.usage;
+  }
   if (error instanceof UsageError || code !== null) {
     const usage = await usageOf(trail.path, root).catch(() => "");
+    const unknown = /^Unknown command (.+)$/.exec(messageOf(error).replace(ANSI, ""))?.[1];
     const hint =
       error instanceof UsageError
         ? error.hint
         : code === "E_UNKNOWN_COMMAND" || code === "E_NO_COMMAND"
-          ? await knownCommands(trail.path.at(-1))
+          ? await knownCommands(trail.path.at(-1), unknown)
           : undefined;
     const text = `${usage ? `${usage}\n\n` : ""}error: ${messageOf(error)}\n${hint ? `${hint}\n` : ""}`;
     io.stderr.write(forStream(io.stderr, text));

@@ -4,6 +4,7 @@
 // regular file is read, and never past its limit.
 import { constants, type Stats } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
+import { isAbsolute } from "node:path";
 import { messageOf } from "../_utils.ts";
 import { UsageError } from "../errors.ts";
 
@@ -24,6 +25,32 @@ export const fileKind = (info: Stats): string => {
   return "not a regular file";
 };
 
+/** Why a file could not be opened, in words: the system's `ENOENT: ..., open 'x'` names the call, not the trouble. */
+const ERRNO_WORDS: Record<string, string> = {
+  ENOENT: "no such file",
+  EACCES: "permission denied",
+  EPERM: "permission denied",
+  ENOTDIR: "a part of its path is not a directory",
+  EISDIR: "it is a directory",
+  ELOOP: "too many levels of symbolic links",
+  ENAMETOOLONG: "its name is too long",
+};
+
+export const fileErrorText = (error: unknown): string => {
+  const code = (error as NodeJS.ErrnoException | undefined)?.code;
+  if (code !== undefined && code in ERRNO_WORDS) return ERRNO_WORDS[code] ?? code;
+  // Whatever else: the system's words without the code in front and the call behind.
+  return messageOf(error)
+    .replace(/^E[A-Z]+: /, "")
+    .replace(/, \w+ '.*'$/s, "");
+};
+
+/** What to check when a file the user named is not there: a relative name is taken from here. */
+const missingFileHint = (path: string, error: unknown): string | undefined =>
+  (error as NodeJS.ErrnoException | undefined)?.code === "ENOENT"
+    ? `Check the path${isAbsolute(path) ? "" : ` (a relative one is taken from ${process.cwd()})`}.`
+    : undefined;
+
 const capitalized = (text: string): string => text.charAt(0).toUpperCase() + text.slice(1);
 
 /**
@@ -42,7 +69,10 @@ export const readBoundedText = async (
     // Non-blocking: a FIFO with no writer opens at once (to be refused below) instead of never.
     file = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (error) {
-    throw new UsageError(`Cannot read ${named}: ${messageOf(error)}`);
+    throw new UsageError(
+      `Cannot read ${named}: ${fileErrorText(error)}`,
+      missingFileHint(path, error),
+    );
   }
   let length = 0;
   const buffer = Buffer.alloc(maxBytes + 1);
@@ -64,7 +94,7 @@ export const readBoundedText = async (
     }
   } catch (error) {
     if (error instanceof UsageError) throw error;
-    throw new UsageError(`Cannot read ${named}: ${messageOf(error)}`);
+    throw new UsageError(`Cannot read ${named}: ${fileErrorText(error)}`);
   } finally {
     await file.close();
   }

@@ -4,8 +4,11 @@ import type {
   ConsoleTail,
   Forward,
   HostInfo,
+  ImageDetails,
+  Snapshot,
   VmInfo,
   VmRecord,
+  VmSnapshots,
   VmStatusReply,
 } from "../protocol/messages.ts";
 import { table } from "./output.ts";
@@ -15,6 +18,38 @@ type From<R> = { host: string; response: R }[];
 
 const mib = (value: number): string =>
   value >= 1024 ? `${Number((value / 1024).toFixed(1))} GiB` : `${value} MiB`;
+
+const BYTE_UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+
+/** `196 MiB`, `4 GiB`: bytes in the largest unit that keeps the number at 1 or more. */
+export const bytesText = (bytes: number): string => {
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < BYTE_UNITS.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${unit === 0 ? value : Number(value.toFixed(1))} ${BYTE_UNITS[unit]}`;
+};
+
+/**
+ * A point in time as the hosts record it, in UTC to the second and saying so
+ * (`2024-01-01T10:20:30Z`): hosts and users may each be in a zone of their own.
+ */
+export const timeText = (iso: string): string => {
+  const time = new Date(iso);
+  return Number.isNaN(time.getTime()) ? iso : `${time.toISOString().slice(0, 19)}Z`;
+};
+
+/** `12s`, `5m 03s`, `3h 12m`, `2d 4h`: how long a host has been up. */
+export const durationText = (seconds: number): string => {
+  const s = Math.max(0, Math.floor(seconds));
+  const pad = (n: number) => String(n).padStart(2, "0");
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${pad(s % 60)}s`;
+  if (s < 86_400) return `${Math.floor(s / 3600)}h ${pad(Math.floor((s % 3600) / 60))}m`;
+  return `${Math.floor(s / 86_400)}d ${Math.floor((s % 86_400) / 3600)}h`;
+};
 
 /** create, start, stop, delete: one line per reply. */
 export const statusLines = (successes: From<VmStatusReply>): string =>
@@ -41,7 +76,7 @@ export const vmTable = (successes: From<VmRecord[]>): string => {
       mib(vm.memory),
       String(vm.cpus),
       String(sshForward(vm.forwards)?.host ?? "-"),
-      vm["created-at"].replace("T", " ").slice(0, 19),
+      timeText(vm["created-at"]),
     ]),
   );
 };
@@ -82,12 +117,63 @@ export const vmDetails = (successes: From<VmInfo>): string =>
         ["guest-agent", guestAgentText(vm)],
         ["guest-ips", vm.guest?.ips.join(", ") || "-"],
         ["disk", vm.disk ?? "-"],
+        ["disk-size", diskSizeText(vm)],
+        ["snapshots", snapshotNamesText(vm.snapshots)],
         ["console-log", vm["console-log"] ?? "-"],
-        ["created-at", vm["created-at"]],
-        ["updated-at", vm["updated-at"]],
+        ["created-at", timeText(vm["created-at"])],
+        ["updated-at", timeText(vm["updated-at"])],
       ];
       if (vm["last-error"]) rows.push(["last-error", vm["last-error"]]);
       return rows.map(([key, value]) => `${`${key}:`.padEnd(13)}${value}`).join("\n");
+    })
+    .join("\n\n");
+
+/** `12.5 MiB on the host, its 2 snapshots included`: what the disk takes. */
+const diskSizeText = (vm: { "disk-bytes"?: number; snapshots?: Snapshot[] }): string => {
+  const bytes = vm["disk-bytes"];
+  if (bytes === undefined) return "-";
+  const count = vm.snapshots?.length ?? 0;
+  return `${bytesText(bytes)} on the host${count === 0 ? "" : `, its ${count} snapshot${count === 1 ? "" : "s"} included`}`;
+};
+
+/** `before-upgrade (2026-01-01T10:00:00Z), ...`: each snapshot and when it was taken. */
+const snapshotNamesText = (snapshots: Snapshot[] | undefined): string => {
+  if (snapshots === undefined) return "- (could not be read just now)";
+  if (snapshots.length === 0) return "none";
+  return snapshots
+    .map((snapshot) => `${snapshot.name} (${timeText(snapshot["created-at"])})`)
+    .join(", ");
+};
+
+/** vm snapshot create|list|restore|delete: what was done, then the VM's snapshots. */
+export const snapshotsView = (successes: From<VmSnapshots>): string =>
+  successes
+    .map(({ host, response }) => {
+      const vmId = response["vm-id"];
+      const lines: string[] = [];
+      if (response.status !== undefined) {
+        lines.push(
+          `Snapshot ${response.name ?? "?"} of VM ${vmId} ${response.status} on host ${host}`,
+        );
+      }
+      if (response.hint) lines.push(`note: ${response.hint}`);
+      const size = diskSizeText(response);
+      if (response.snapshots.length === 0) {
+        lines.push(`VM ${vmId} has no snapshots${size === "-" ? "" : ` (its disk: ${size})`}`);
+      } else {
+        lines.push(
+          table(
+            ["NAME", "CREATED", "VM STATE"],
+            response.snapshots.map((snapshot) => [
+              snapshot.name,
+              timeText(snapshot["created-at"]),
+              snapshot["vm-state-size"] === 0 ? "-" : bytesText(snapshot["vm-state-size"]),
+            ]),
+          ),
+        );
+        if (size !== "-") lines.push(`VM ${vmId}'s disk: ${size}`);
+      }
+      return lines.join("\n");
     })
     .join("\n\n");
 
@@ -116,7 +202,33 @@ export const hostsTable = (successes: From<HostInfo>): string => {
       host.address ?? "-",
       host.images.join(",") || "-",
       host.version,
-      `${host["uptime-s"]}s`,
+      durationText(host["uptime-s"]),
+    ]),
+  );
+};
+
+/** Each image on each host, by image then host; an older host names its images without details. */
+export const imagesTable = (successes: From<HostInfo>): string => {
+  const rows = successes.flatMap(({ response: host }) => {
+    const details: (ImageDetails | { name: string })[] =
+      host["image-details"] ?? host.images.map((name) => ({ name }));
+    return details.map((image) => ({ host: host.host, image }));
+  });
+  if (rows.length === 0) {
+    return (
+      `No usable images on ${successes.length} host(s). ` +
+      "An agent offers each <name>.qcow2 in its --images-dir (see `aetherscale agent --help`)."
+    );
+  }
+  rows.sort((a, b) => a.image.name.localeCompare(b.image.name) || a.host.localeCompare(b.host));
+  return table(
+    ["IMAGE", "HOST", "FORMAT", "VIRTUAL SIZE", "FILE SIZE"],
+    rows.map(({ host, image }) => [
+      image.name,
+      host,
+      "format" in image ? image.format : "-",
+      "virtual-size" in image ? bytesText(image["virtual-size"]) : "-",
+      "file-size" in image ? bytesText(image["file-size"]) : "-",
     ]),
   );
 };

@@ -14,10 +14,24 @@ const table = (entries: SubCommandsDef): SubCommandsDef =>
 
 const tutorial = (name: TutorialName) => () => import("./tutorial.ts").then((m) => m.default[name]);
 
+const snapshot = defineCommand({
+  meta: {
+    name: "snapshot",
+    description: "Take, list, restore and delete snapshots of a VM's disk",
+  },
+  subCommands: table({
+    create: () => import("./vm/snapshot/create.ts").then((m) => m.default),
+    list: () => import("./vm/snapshot/list.ts").then((m) => m.default),
+    restore: () => import("./vm/snapshot/restore.ts").then((m) => m.default),
+    delete: () => import("./vm/snapshot/delete.ts").then((m) => m.default),
+  }),
+});
+
 const vm = defineCommand({
   meta: {
     name: "vm",
-    description: "Create, list, inspect, start, stop and delete VMs; log in, read their console",
+    description:
+      "Create, list, inspect, start, stop and delete VMs; log in, read their console, snapshot their disks",
   },
   subCommands: table({
     create: () => import("./vm/create.ts").then((m) => m.default),
@@ -28,6 +42,7 @@ const vm = defineCommand({
     delete: () => import("./vm/delete.ts").then((m) => m.default),
     ssh: () => import("./vm/ssh.ts").then((m) => m.default),
     console: () => import("./vm/console.ts").then((m) => m.default),
+    snapshot,
   }),
 });
 
@@ -35,9 +50,13 @@ export const commands: SubCommandsDef = table({
   agent: () => import("./agent.ts").then((m) => m.default),
   vm,
   hosts: () => import("./hosts.ts").then((m) => m.default),
+  images: () => import("./images.ts").then((m) => m.default),
+  service: () => import("./service.ts").then((m) => m.default),
   "create-vm": tutorial("create-vm"),
   "list-vms": tutorial("list-vms"),
   "start-vm": tutorial("start-vm"),
   "stop-vm": tutorial("stop-vm"),
   "delete-vm": tutorial("delete-vm"),
+  "vm-info": tutorial("vm-info"),
+  "list-hosts": tutorial("list-hosts"),
 });

@@ -1,7 +1,7 @@
 // The seam between a host's VM bookkeeping (host.ts, shared by every driver)
 // and the thing that actually runs a VM (a QEMU process, or a simulation).
 import { HypervisorError } from "../errors.ts";
-import type { Accelerator, Forward, GuestInfo } from "../protocol/messages.ts";
+import type { Accelerator, Forward, GuestInfo, Snapshot } from "../protocol/messages.ts";
 
 /** How a VM is reached: host ports forwarded to it on one address, and whether it reaches out. */
 export type VmNetwork = {
@@ -57,6 +57,17 @@ export class HostPortTakenError extends HypervisorError {
   }
 }
 
+/**
+ * What freezing a running guest's file systems for a snapshot came to: both
+ * absent when they were frozen and thawed again, or when nothing ran.
+ */
+export type GuestFreeze = {
+  /** Why the snapshot was taken without freezing them (it then holds what a power cut would leave). */
+  notFrozen?: string;
+  /** Why they may still be frozen after it (the guest's writes then wait). */
+  notThawed?: string;
+};
+
 export interface VmDriver {
   readonly name: "qemu" | "fake";
   /** Makes the VM's disk and boots it; resolves once the VM is running. */
@@ -84,6 +95,20 @@ export interface VmDriver {
   guestInfo(spec: VmSpec): Promise<GuestInfo | undefined>;
   /** The accelerator this host runs its VMs with. */
   accelerator(): Promise<Accelerator>;
+  /** The snapshots of the VM's disk, oldest first: asked of its QEMU while it runs, of the file while not. */
+  snapshots(spec: VmSpec): Promise<Snapshot[]>;
+  /** The bytes the VM's disk takes on the host, its snapshots included; null where it has no disk file. */
+  diskBytes(spec: VmSpec): Promise<number | null>;
+  /**
+   * Takes a snapshot of the VM's disk under a name it does not have yet:
+   * through QEMU while the VM runs (the guest runs on, its file systems
+   * frozen for the moment where its guest agent answers), else of the file.
+   */
+  createSnapshot(spec: VmSpec, name: string): Promise<GuestFreeze>;
+  /** Puts the VM's disk back to a snapshot it has; refused while the VM runs. */
+  restoreSnapshot(spec: VmSpec, name: string): Promise<void>;
+  /** Deletes a snapshot the VM's disk has, running or not. */
+  deleteSnapshot(spec: VmSpec, name: string): Promise<void>;
   /**
    * Registers the one listener for VMs that died without being asked to (the
    * process went, or the guest hit a fatal state and was ended), with why.

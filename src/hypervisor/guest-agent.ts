@@ -6,7 +6,7 @@
 // skipped. The socket takes one client at a time: callers serialize per VM.
 import { createConnection } from "node:net";
 import * as v from "valibot";
-import { withTimeout } from "../_utils.ts";
+import { messageOf, withTimeout } from "../_utils.ts";
 import { HypervisorError } from "../errors.ts";
 
 /** QGA puts this byte before its reply to guest-sync-delimited; sent to it, it resets its parser. */
@@ -127,6 +127,58 @@ const commandLine = (command: string, args?: Record<string, unknown>): string =>
   `${JSON.stringify(args === undefined ? { execute: command } : { execute: command, arguments: args })}\n`;
 
 /**
+ * Brings the exchange in step with the agent: whatever it sends before the
+ * reply to a new sync (an earlier client's leftovers, a late reply of ours)
+ * is skipped. The agent answers in order, so this also waits for every
+ * command sent before it to finish.
+ */
+const sync = async (exchange: QgaExchange): Promise<void> => {
+  const id = crypto.getRandomValues(new Uint32Array(1))[0] ?? 1;
+  exchange.send(Buffer.from([SENTINEL]));
+  exchange.send(commandLine("guest-sync-delimited", { id }));
+  for (;;) {
+    await exchange.skipToSentinel();
+    const reply = v.safeParse(SyncReply, await exchange.nextJson());
+    // An answer to an earlier client's sync: wait for ours.
+    if (reply.success && reply.output.return === id) return;
+  }
+};
+
+/** Sends one command on an exchange in step and reads its reply, checked against `schema`. */
+const execute = async <const TSchema extends v.GenericSchema>(
+  exchange: QgaExchange,
+  label: string,
+  schema: TSchema,
+  command: string,
+  args?: Record<string, unknown>,
+): Promise<v.InferOutput<TSchema>> => {
+  exchange.send(commandLine(command, args));
+  const json = await exchange.nextJson();
+  const failed = v.safeParse(ErrorReply, json);
+  if (failed.success) {
+    throw new HypervisorError(
+      `${label}: the guest agent refused ${command}: ${failed.output.error.desc}`,
+    );
+  }
+  const parsed = v.safeParse(schema, json);
+  if (!parsed.success) {
+    throw new HypervisorError(
+      `${label}: unexpected reply to ${command}: ${v.summarize(parsed.issues)}`,
+    );
+  }
+  return parsed.output;
+};
+
+/** `work` within `timeoutMs`, else the guest agent's silence as the error. */
+const answered = <T>(work: Promise<T>, timeoutMs: number, label: string, what: string) =>
+  withTimeout(
+    work,
+    timeoutMs,
+    () =>
+      new HypervisorError(`${label}: the guest agent did not answer ${what}within ${timeoutMs} ms`),
+  );
+
+/**
  * Asks the guest agent behind `socketPath` for the guest's network interfaces.
  * Rejects with a HypervisorError when it does not answer within `timeoutMs`
  * (no agent in the guest, a guest still booting) or answers nonsense.
@@ -137,40 +189,106 @@ export const queryGuestInterfaces = async (
 ): Promise<GuestInterface[]> => {
   const exchange = new QgaExchange(socketPath, options.label);
   const work = async (): Promise<GuestInterface[]> => {
-    const id = crypto.getRandomValues(new Uint32Array(1))[0] ?? 1;
-    exchange.send(Buffer.from([SENTINEL]));
-    exchange.send(commandLine("guest-sync-delimited", { id }));
-    for (;;) {
-      await exchange.skipToSentinel();
-      const reply = v.safeParse(SyncReply, await exchange.nextJson());
-      // An answer to an earlier client's sync: wait for ours.
-      if (reply.success && reply.output.return === id) break;
-    }
-    exchange.send(commandLine("guest-network-get-interfaces"));
-    const json = await exchange.nextJson();
-    const failed = v.safeParse(ErrorReply, json);
-    if (failed.success) {
-      throw new HypervisorError(
-        `${options.label}: the guest agent refused guest-network-get-interfaces: ${failed.output.error.desc}`,
-      );
-    }
-    const parsed = v.safeParse(InterfacesReply, json);
-    if (!parsed.success) {
-      throw new HypervisorError(
-        `${options.label}: unexpected reply to guest-network-get-interfaces: ${v.summarize(parsed.issues)}`,
-      );
-    }
-    return parsed.output.return;
+    await sync(exchange);
+    const reply = await execute(
+      exchange,
+      options.label,
+      InterfacesReply,
+      "guest-network-get-interfaces",
+    );
+    return reply.return;
   };
   try {
-    return await withTimeout(
-      work(),
-      options.timeoutMs,
-      () =>
-        new HypervisorError(
-          `${options.label}: the guest agent did not answer within ${options.timeoutMs} ms`,
-        ),
+    return await answered(work(), options.timeoutMs, options.label, "");
+  } finally {
+    exchange.close();
+  }
+};
+
+/** The reply to guest-fsfreeze-freeze and -thaw: how many file systems it froze or thawed. */
+const FreezeReply = v.object({ return: v.number() });
+
+export type FreezeOptions = {
+  label: string;
+  /** How long the agent has to answer at all (another client may hold the channel for its own timeout). */
+  syncTimeoutMs: number;
+  /** How long a freeze or a thaw may take: freezing writes out what the guest has not yet written. */
+  freezeTimeoutMs: number;
+};
+
+/** What came of `withGuestFrozen`: the work's value, why the guest was not frozen for it, why it may still be. */
+export type Frozen<T> = { value: T; notFrozen?: string; notThawed?: string };
+
+/** Thaws, in step first: the reply of a late freeze is skipped, and the thaw runs after it. */
+const thaw = (exchange: QgaExchange, options: FreezeOptions): Promise<void> =>
+  answered(
+    (async () => {
+      await sync(exchange);
+      await execute(exchange, options.label, FreezeReply, "guest-fsfreeze-thaw");
+    })(),
+    options.freezeTimeoutMs,
+    options.label,
+    "guest-fsfreeze-thaw ",
+  );
+
+/** Freezes the guest's file systems; when that fails, none stays frozen by it. */
+const freeze = async (exchange: QgaExchange, options: FreezeOptions): Promise<void> => {
+  // No answer here: nothing was sent that could freeze anything.
+  await answered(sync(exchange), options.syncTimeoutMs, options.label, "");
+  try {
+    await answered(
+      execute(exchange, options.label, FreezeReply, "guest-fsfreeze-freeze"),
+      options.freezeTimeoutMs,
+      options.label,
+      "guest-fsfreeze-freeze ",
     );
+  } catch (error) {
+    // A refused freeze thaws what it froze itself; a late one may yet freeze everything.
+    await thaw(exchange, options).catch(() => undefined);
+    throw error;
+  }
+};
+
+/**
+ * Runs `work` while the guest's file systems are frozen by its agent
+ * (guest-fsfreeze-freeze: the guest writes out what it holds in memory and
+ * holds new writes back), then thaws them, whatever `work` did. A disk
+ * snapshot taken so holds every file the guest had written, on consistent
+ * file systems; without it, what a power cut would have left. When the agent
+ * does not answer or refuses, `work` runs all the same, unfrozen, and the
+ * result says why.
+ */
+export const withGuestFrozen = async <T>(
+  socketPath: string,
+  options: FreezeOptions,
+  work: () => Promise<T>,
+): Promise<Frozen<T>> => {
+  const exchange = new QgaExchange(socketPath, options.label);
+  try {
+    const notFrozen = await freeze(exchange, options).then(
+      () => undefined,
+      (error: unknown) => messageOf(error),
+    );
+    if (notFrozen !== undefined) return { value: await work(), notFrozen };
+    let value: T;
+    try {
+      value = await work();
+    } catch (error) {
+      const notThawed = await thaw(exchange, options).then(
+        () => undefined,
+        (thawError: unknown) => messageOf(thawError),
+      );
+      if (notThawed === undefined) throw error;
+      throw new HypervisorError(
+        `${messageOf(error)}; and the guest's file systems may still be frozen: ${notThawed}`,
+        { cause: error },
+      );
+    }
+    const notThawed = await thaw(exchange, options).then(
+      () => undefined,
+      (error: unknown) => messageOf(error),
+    );
+    return { value, ...(notThawed === undefined ? {} : { notThawed }) };
   } finally {
     exchange.close();
   }

@@ -7,19 +7,28 @@ import { logger } from "../log.ts";
 import { RawJson } from "../protocol/envelope.ts";
 import {
   type ConsoleTail,
+  type CreateSnapshotOptions,
   type CreateVmOptions,
   type Forward,
   type HostInfo,
+  type NamedSnapshotOptions,
   Reasons,
   type StopVmOptions,
   type VmConsoleOptions,
   type VmInfo,
   type VmRecord,
+  type VmSnapshots,
   type VmStatusReply,
   vmIdForRequest,
 } from "../protocol/messages.ts";
 import { readConsole } from "./console-log.ts";
-import { HostPortTakenError, type RunInfo, type VmDriver, type VmSpec } from "./driver.ts";
+import {
+  type GuestFreeze,
+  HostPortTakenError,
+  type RunInfo,
+  type VmDriver,
+  type VmSpec,
+} from "./driver.ts";
 import { ImageStore } from "./images.ts";
 import {
   DEFAULT_PORT_RANGE,
@@ -29,6 +38,17 @@ import {
   portRequests,
   SSH_GUEST_PORT,
 } from "./ports.ts";
+import {
+  bootChange,
+  DEFAULT_RESTORE,
+  limitConcurrency,
+  type RestoreOutcome,
+  type RestorePolicy,
+  restoreFailed,
+  shortBootId,
+  verdictForGoneVm,
+} from "./restore.ts";
+import { snapshotNameFor } from "./snapshots.ts";
 import { StateStore, type StoreTransaction } from "./store.ts";
 
 const log = logger.withTag("host");
@@ -46,7 +66,12 @@ export type HostOptions = {
   version: string;
   /** Where VMs' forwarded ports are published; defaults: the range 22000-23999 on 127.0.0.1. */
   network?: Partial<HostNetwork>;
+  /** After a host reboot: start again the VMs that ran ("running", the default), or leave them stopped. */
+  restore?: RestorePolicy;
 };
+
+/** VMs started again at once after a reboot: enough to be quick, few enough not to starve each other's boot. */
+const RESTORE_AT_ONCE = 4;
 
 export type HostNetwork = {
   /** Host ports handed to VMs' forwards come from here. */
@@ -108,6 +133,9 @@ export class Host {
   private readonly ports: PortAllocator;
   private readonly publishAddress: string;
   private readonly advertiseAddress: string;
+  /** The VMs a reboot left to start again, being started in the background; resolved when none are left. */
+  private restoring: Promise<void> = Promise.resolve();
+  private closing = false;
 
   private constructor(options: HostOptions, store: StateStore) {
     this.id = options.hostId;
@@ -135,13 +163,21 @@ export class Host {
     options.driver.onUnexpectedExit((vmId, reason) => {
       void host.markCrashed(vmId, reason);
     });
+    let restart: string[];
     try {
-      await host.reconcile();
+      restart = await host.reconcile();
     } catch (error) {
       await store.close();
       throw error;
     }
+    // Not awaited: the agent serves while they boot (commands for them are told they are starting).
+    host.restoring = host.restoreAfterReboot(restart);
     return host;
+  }
+
+  /** Resolves once the VMs a host reboot left to start again have each been started or marked crashed. */
+  restored(): Promise<void> {
+    return this.restoring;
   }
 
   knowsRequest(requestId: string): boolean {
@@ -164,6 +200,8 @@ export class Host {
       log.warn(`Could not tell this host's accelerator: ${messageOf(error)}`);
       return undefined;
     });
+    const images = await this.images.details();
+    const diskBytes = await this.vmDiskBytes();
     return {
       host: this.id,
       vms: this.store.size,
@@ -176,10 +214,26 @@ export class Host {
       version: this.options.version,
       "uptime-s": Math.round((Date.now() - this.startedAt) / 1000),
       driver: this.driver.name,
-      images: await this.images.list(),
+      images: images.map((image) => image.name),
+      "image-details": images,
       ...(accelerator === undefined ? {} : { accelerator }),
       address: this.advertiseAddress,
+      ...(diskBytes === null ? {} : { "disk-bytes": diskBytes }),
     };
+  }
+
+  /** What this host's VM disks take, their snapshots included (a stat each); null for the fake driver's, which have none. */
+  private async vmDiskBytes(): Promise<number | null> {
+    if (this.driver.name === "fake") return null;
+    const sizes = await Promise.all(
+      this.store.all().map((record) => this.driver.diskBytes(this.spec(record)).catch(() => null)),
+    );
+    return sizes.reduce<number>((sum, size) => sum + (size ?? 0), 0);
+  }
+
+  /** The long operations under way, VM by VM ("stopping", "being created"), for an agent told to stop. */
+  inProgress(): { vmId: string; what: string }[] {
+    return [...this.busy].map(([vmId, { what }]) => ({ vmId, what }));
   }
 
   /**
@@ -189,11 +243,22 @@ export class Host {
    */
   async vmInfo(vmId: string): Promise<VmInfo> {
     const record = this.record(vmId);
-    const guest = await this.driver.guestInfo(this.spec(record));
+    const spec = this.spec(record);
+    const [guest, bytes, snapshots] = await Promise.all([
+      this.driver.guestInfo(spec),
+      this.driver.diskBytes(spec).catch(() => null),
+      // Left out, not an error, when the disk cannot be read just now (a restore holds it).
+      this.driver.snapshots(spec).catch((error: unknown) => {
+        log.debug(`VM ${vmId}: could not list its snapshots: ${messageOf(error)}`);
+        return undefined;
+      }),
+    ]);
     return {
       ...record,
       address: this.advertiseAddress,
       ...(guest === undefined ? {} : { guest }),
+      ...(bytes === null ? {} : { "disk-bytes": bytes }),
+      ...(snapshots === undefined ? {} : { snapshots }),
     };
   }
 
@@ -355,7 +420,12 @@ export class Host {
       );
     }
     // It runs: memory says so even while the disk refuses to.
-    const note = await this.settle(id, { status: "running", ...runFields(run) });
+    // A create finished after an interruption (see finishCreate) leaves no error of that interruption behind.
+    const note = await this.settle(id, {
+      status: "running",
+      "last-error": undefined,
+      ...runFields(run),
+    });
     return { status: "starting", "vm-id": id, ...asHint(note) };
   }
 
@@ -366,33 +436,39 @@ export class Host {
         return { status: "starting", "vm-id": vmId, hint: `VM "${vmId}" is already running` };
       }
       this.assertSettled(record);
-      // Each boot opens the base's chain again: it must still pass the check it passed at create.
-      await this.images.resolve(record.image).catch((error: unknown) => {
-        throw new CommandError(`Cannot start VM ${vmId}: ${messageOf(error)}`);
-      });
-      const current = await this.withSshForward(record);
-      // Nothing starts that could not be recorded: the disk must take a write first.
-      await this.commit(this.store.begin());
-      const run = await this.driver
-        .start(this.spec(current))
-        .catch(async (error: unknown) => {
-          // Another program took one of its ports while it was stopped: one from the range moves.
-          if (error instanceof HostPortTakenError && this.ports.inRange(error.hostPort)) {
-            const moved = await this.replacePort(vmId, error.hostPort);
-            return this.driver.start(this.spec(moved));
-          }
-          throw error;
-        })
-        .catch((error: unknown) => {
-          throw new CommandError(`Could not start VM ${vmId}: ${messageOf(error)}`);
-        });
-      const note = await this.settle(vmId, {
-        status: "running",
-        "last-error": undefined,
-        ...runFields(run),
-      });
-      return { status: "starting", "vm-id": vmId, ...asHint(note) };
+      return this.startFromDisk(record);
     });
+  }
+
+  /** Boots a VM without a process from its disk: `vm start`, and a VM started again after a host reboot. */
+  private async startFromDisk(record: VmRecord): Promise<VmStatusReply> {
+    const vmId = record["vm-id"];
+    // Each boot opens the base's chain again: it must still pass the check it passed at create.
+    await this.images.resolve(record.image).catch((error: unknown) => {
+      throw new CommandError(`Cannot start VM ${vmId}: ${messageOf(error)}`);
+    });
+    const current = await this.withSshForward(record);
+    // Nothing starts that could not be recorded: the disk must take a write first.
+    await this.commit(this.store.begin());
+    const run = await this.driver
+      .start(this.spec(current))
+      .catch(async (error: unknown) => {
+        // Another program took one of its ports while it was stopped: one from the range moves.
+        if (error instanceof HostPortTakenError && this.ports.inRange(error.hostPort)) {
+          const moved = await this.replacePort(vmId, error.hostPort);
+          return this.driver.start(this.spec(moved));
+        }
+        throw error;
+      })
+      .catch((error: unknown) => {
+        throw new CommandError(`Could not start VM ${vmId}: ${messageOf(error)}`);
+      });
+    const note = await this.settle(vmId, {
+      status: "running",
+      "last-error": undefined,
+      ...runFields(run),
+    });
+    return { status: "starting", "vm-id": vmId, ...asHint(note) };
   }
 
   async stopVm(options: StopVmOptions, context: OperationContext = {}): Promise<VmStatusReply> {
@@ -450,8 +526,136 @@ export class Host {
     });
   }
 
+  /** The VM's snapshots, as its disk lists them now. */
+  async listSnapshots(vmId: string): Promise<VmSnapshots> {
+    return this.snapshotsOf(this.record(vmId));
+  }
+
+  /**
+   * Takes a snapshot of the VM's disk, running or not; one without a name is
+   * named after the time. Refused while another command changes the VM.
+   */
+  createSnapshot(
+    options: CreateSnapshotOptions,
+    context: OperationContext = {},
+  ): Promise<VmSnapshots> {
+    const vmId = options["vm-id"];
+    return this.exclusive(vmId, "taking a snapshot", context.deadline, async () => {
+      const record = this.record(vmId);
+      this.assertSettled(record);
+      const before = await this.snapshotsOf(record);
+      const name = options.name ?? snapshotNameFor(new Date(), before.snapshots);
+      if (before.snapshots.some((snapshot) => snapshot.name === name)) {
+        throw new CommandError(
+          `VM ${vmId} already has a snapshot named "${name}": give another name, or delete that one first (aetherscale vm snapshot delete ${vmId} ${name})`,
+        );
+      }
+      const freeze = await this.driver
+        .createSnapshot(this.spec(record), name)
+        .catch((error: unknown) => {
+          throw new CommandError(
+            `Could not take snapshot "${name}" of VM ${vmId}: ${messageOf(error)}`,
+          );
+        });
+      return this.afterSnapshot(record, "created", name, freezeNote(vmId, freeze));
+    });
+  }
+
+  /**
+   * Puts the VM's disk back to a snapshot. Only while the VM is stopped: a
+   * running guest would find its disk changed under its own caches.
+   */
+  restoreSnapshot(
+    options: NamedSnapshotOptions,
+    context: OperationContext = {},
+  ): Promise<VmSnapshots> {
+    const vmId = options["vm-id"];
+    const name = options.name;
+    return this.exclusive(vmId, "being restored to a snapshot", context.deadline, async () => {
+      const record = this.record(vmId);
+      if (record.status !== "stopped" && record.status !== "crashed") {
+        throw new CommandError(
+          `VM ${vmId} is ${record.status}: a snapshot is restored only while the VM is stopped, so that its guest never sees its disk change under it. ` +
+            `Stop it first: aetherscale vm stop ${vmId}, then aetherscale vm snapshot restore ${vmId} ${name}, then aetherscale vm start ${vmId}`,
+        );
+      }
+      await this.assertSnapshot(record, name);
+      await this.driver.restoreSnapshot(this.spec(record), name).catch((error: unknown) => {
+        throw new CommandError(
+          `Could not restore VM ${vmId} to snapshot "${name}": ${messageOf(error)}`,
+        );
+      });
+      log.info(`VM ${vmId}: disk restored to snapshot "${name}"`);
+      return this.afterSnapshot(record, "restored", name);
+    });
+  }
+
+  /** Deletes one of the VM's snapshots, running or not; the space it alone held is freed. */
+  deleteSnapshot(
+    options: NamedSnapshotOptions,
+    context: OperationContext = {},
+  ): Promise<VmSnapshots> {
+    const vmId = options["vm-id"];
+    const name = options.name;
+    return this.exclusive(vmId, "deleting a snapshot", context.deadline, async () => {
+      const record = this.record(vmId);
+      this.assertSettled(record);
+      await this.assertSnapshot(record, name);
+      await this.driver.deleteSnapshot(this.spec(record), name).catch((error: unknown) => {
+        throw new CommandError(
+          `Could not delete snapshot "${name}" of VM ${vmId}: ${messageOf(error)}`,
+        );
+      });
+      return this.afterSnapshot(record, "deleted", name);
+    });
+  }
+
+  /** The VM's snapshots and what its disk takes; a disk that cannot be read is the user's error. */
+  private async snapshotsOf(record: VmRecord): Promise<VmSnapshots> {
+    const vmId = record["vm-id"];
+    const spec = this.spec(record);
+    const [snapshots, bytes] = await Promise.all([
+      this.driver.snapshots(spec).catch((error: unknown) => {
+        throw new CommandError(`Could not read the snapshots of VM ${vmId}: ${messageOf(error)}`);
+      }),
+      this.driver.diskBytes(spec).catch(() => null),
+    ]);
+    return { "vm-id": vmId, snapshots, ...(bytes === null ? {} : { "disk-bytes": bytes }) };
+  }
+
+  /** The reply to a snapshot command that did what it was asked. */
+  private async afterSnapshot(
+    record: VmRecord,
+    status: "created" | "restored" | "deleted",
+    name: string,
+    note?: string,
+  ): Promise<VmSnapshots> {
+    try {
+      return { ...(await this.snapshotsOf(record)), status, name, ...asHint(note) };
+    } catch (error) {
+      // It was done; only the list that would show it is missing.
+      const unread = `the snapshot was ${status}, but the list could not be read: ${messageOf(error)}`;
+      const hint = note === undefined ? unread : `${note}; ${unread}`;
+      return { "vm-id": record["vm-id"], snapshots: [], status, name, hint };
+    }
+  }
+
+  /** Refuses a snapshot name the VM's disk does not have, naming those it has. */
+  private async assertSnapshot(record: VmRecord, name: string): Promise<void> {
+    const vmId = record["vm-id"];
+    const { snapshots } = await this.snapshotsOf(record);
+    if (snapshots.some((snapshot) => snapshot.name === name)) return;
+    const names = snapshots.map((snapshot) => snapshot.name);
+    throw new CommandError(
+      `VM ${vmId} has no snapshot named "${name}"; ${names.length === 0 ? "it has none" : `its snapshots: ${names.join(", ")}`} (aetherscale vm snapshot list ${vmId})`,
+    );
+  }
+
   /** Detaches from every VM (they keep running) and releases the state directory. */
   async close(): Promise<void> {
+    // VMs not yet started again after a reboot are left to the next agent (see restoreAfterReboot).
+    this.closing = true;
+    await this.restoring;
     await this.vmLocks.drain();
     await this.driver.close();
     await this.store.close();
@@ -646,31 +850,139 @@ export class Host {
     );
   }
 
-  private async reconcile(): Promise<void> {
+  /**
+   * Matches every record with what really runs, and returns the VMs to start
+   * again because the host rebooted under them (see restore.ts for who gets
+   * which verdict). Everything found is written once, at the end.
+   */
+  private async reconcile(): Promise<string[]> {
+    const boot = bootChange(this.store.previousBootId, this.store.bootId);
+    const restore = this.options.restore ?? DEFAULT_RESTORE;
+    if (boot.kind === "rebooted") {
+      log.info(
+        `The host rebooted since the state was last written (boot ${shortBootId(boot.previous)} → ${shortBootId(boot.current)}): VMs that ran ${restore === "running" ? "are started again" : "are recorded stopped"} (--restore ${restore})`,
+      );
+      // Until every VM to start again has been dealt with: see restoreAfterReboot.
+      this.store.holdPreviousBootId();
+    }
+    const restart: string[] = [];
+    let unknownLogged = false;
     let changed = 0;
     for (const record of this.store.all()) {
       if (record.status === "stopped" || record.status === "crashed") continue;
+      const vmId = record["vm-id"];
       // Under the VM's lock: a death the driver reports while re-attaching is recorded after this.
-      await this.withVm(record["vm-id"], async () => {
+      await this.withVm(vmId, async () => {
         const run = await this.driver
           .reattach(this.spec(record), record.pid)
           .catch((error: unknown) => {
-            log.warn(`Could not re-attach to VM ${record["vm-id"]}: ${messageOf(error)}`);
+            log.warn(`Could not re-attach to VM ${vmId}: ${messageOf(error)}`);
             return null;
           });
-        const next: VmRecord = run
-          ? { ...record, status: "running", ...runFields(run) }
-          : { ...record, status: record.status === "stopping" ? "stopped" : "crashed", pid: null };
-        if (next.status !== record.status || next.pid !== record.pid) {
-          log.info(`VM ${record["vm-id"]}: ${record.status} → ${next.status}`);
+        let next: VmRecord;
+        if (run) {
+          next = { ...record, status: "running", ...runFields(run) };
+        } else {
+          if (boot.kind === "unknown" && !unknownLogged) {
+            unknownLogged = true;
+            log.info(
+              `Cannot tell whether the host rebooted: ${boot.why}; a VM whose process is gone is marked crashed`,
+            );
+          }
+          const verdict = verdictForGoneVm(record.status, boot, restore);
+          if (verdict.kind === "start-again") {
+            // Listed as running (it is about to be) without the pid of a process that is gone.
+            restart.push(vmId);
+            next = { ...record, pid: null };
+          } else {
+            next = { ...record, status: verdict.status, pid: null };
+            if (verdict.lastError !== undefined) next["last-error"] = verdict.lastError;
+            log.info(
+              `VM ${vmId}: ${record.status} → ${next.status}${verdict.lastError === undefined ? "" : ` (${verdict.lastError})`}`,
+            );
+          }
+        }
+        if (
+          next.status !== record.status ||
+          next.pid !== record.pid ||
+          next["last-error"] !== record["last-error"]
+        ) {
           this.store.put({ ...next, "updated-at": now() });
           changed++;
         }
       });
     }
+    // A reboot is written down at once, even when nothing else changed: the
+    // next agent of this boot must not take it for one more reboot.
+    if (restart.length === 0) this.store.releaseBootId();
     // What was found is true whether or not the disk takes it now: the agent
     // starts all the same, to serve reads, and the store writes it once it can.
-    if (changed > 0) await this.settled();
+    if (changed > 0 || boot.kind === "rebooted") {
+      const note = await this.settled();
+      if (note !== undefined) log.warn(`What the agent found at start: ${note}`);
+    }
+    return restart;
+  }
+
+  /**
+   * Starts again the VMs that ran when the host went down, a few at a time,
+   * while the agent serves. Each is busy from the start, so a command for it
+   * is answered at once that it is being started again. The file keeps the
+   * previous boot's id until every one has been dealt with: an agent that
+   * stops (or dies) half-way leaves the rest to the next one, which sees the
+   * same reboot and finds the ones already started running.
+   */
+  private async restoreAfterReboot(vmIds: string[]): Promise<void> {
+    if (vmIds.length === 0) return;
+    const slot = limitConcurrency(RESTORE_AT_ONCE);
+    const outcomes = await Promise.all(
+      vmIds.map((vmId) =>
+        this.exclusive(vmId, "being started again after the host rebooted", undefined, () =>
+          slot(() => this.restoreVm(vmId)),
+        ).catch((error: unknown) => {
+          log.error(`VM ${vmId} was not started again after the host reboot: ${messageOf(error)}`);
+          return "left" as const;
+        }),
+      ),
+    );
+    const count = (outcome: RestoreOutcome) => outcomes.filter((o) => o === outcome).length;
+    const failed = count("failed") === 0 ? "" : `, ${count("failed")} could not be (crashed)`;
+    const summary = `after the host reboot, ${count("started")} of ${vmIds.length} VM(s) started again${failed}`;
+    if (count("left") > 0) {
+      log.info(`${summary}; ${count("left")} left to the next agent`);
+      return;
+    }
+    this.store.releaseBootId();
+    const note = await this.settled();
+    log.info(`${summary}${note === undefined ? "" : `; ${note}`}`);
+  }
+
+  /** Boots one VM again after a reboot, by the path of `vm start`; crashed, saying why, when that fails. */
+  private async restoreVm(vmId: string): Promise<RestoreOutcome> {
+    const record = this.store.get(vmId);
+    if (this.closing) return "left";
+    // Changed meanwhile (it cannot be while busy, but a record is what counts): nothing to do.
+    if (record === undefined || record.status !== "running" || record.pid !== null) {
+      return "skipped";
+    }
+    try {
+      await this.startFromDisk(record);
+      log.info(
+        `VM ${vmId} runs again after the host reboot (pid ${this.store.get(vmId)?.pid ?? "none"})`,
+      );
+      return "started";
+    } catch (error) {
+      const why = messageOf(error);
+      log.warn(`VM ${vmId} could not be started again after the host reboot (crashed): ${why}`);
+      // Written with the others, once they are all done.
+      const next = this.updated(vmId, {
+        status: "crashed",
+        pid: null,
+        "last-error": restoreFailed(why),
+      });
+      if (next !== undefined) this.store.put(next);
+      return "failed";
+    }
   }
 }
 
@@ -681,6 +993,22 @@ const assertInTime = (deadline: number | undefined, what: string): void => {
   throw new CommandError(
     `Not run: ${what} could only start ${late} s after its client stopped waiting; nothing was done`,
   );
+};
+
+/** What the user should know of a snapshot of a running guest that could not be frozen or thawed. */
+const freezeNote = (vmId: string, freeze: GuestFreeze): string | undefined => {
+  const notes: string[] = [];
+  if (freeze.notFrozen !== undefined) {
+    notes.push(
+      `taken without freezing the guest's file systems (${freeze.notFrozen}): it holds the disk as a sudden power cut would have left it`,
+    );
+  }
+  if (freeze.notThawed !== undefined) {
+    notes.push(
+      `the guest's file systems may still be frozen (${freeze.notThawed}): if its writes hang, restart it (aetherscale vm stop --kill ${vmId}, then vm start ${vmId})`,
+    );
+  }
+  return notes.length === 0 ? undefined : notes.join("; ");
 };
 
 /** A note on what the disk has not taken yet, as a reply's hint. */

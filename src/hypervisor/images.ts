@@ -17,7 +17,7 @@ import { messageOf } from "../_utils.ts";
 import { CommandError, DeclineError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { describeIssues } from "../protocol/envelope.ts";
-import { ImageName, Reasons } from "../protocol/messages.ts";
+import { type ImageDetails, ImageName, Reasons } from "../protocol/messages.ts";
 import {
   DEFAULT_QEMU_IMG,
   findExecutable,
@@ -47,9 +47,13 @@ export type ImageStoreOptions = {
   inspect?: Inspect;
 };
 
-/** Whether an image can be used, and if not, why, in words that follow "is unusable: ". */
+/**
+ * Whether an image can be used, and if not, why, in words that follow "is
+ * unusable: ". A usable one carries what `images` shows of it: the top file's
+ * format and sizes, as they were when judged (a changed file is judged again).
+ */
 export type ImageVerdict =
-  | { usable: true; real: string }
+  | { usable: true; real: string; format: string; virtualSize: number; fileSize: number }
   | { usable: false; missing: true }
   | { usable: false; missing: false; reason: string };
 
@@ -171,13 +175,24 @@ export class ImageStore {
 
   /** Names of the images this host can create VMs from, for `hosts`. */
   async list(): Promise<string[]> {
+    return (await this.details()).map((image) => image.name);
+  }
+
+  /** The images this host can create VMs from, by name, with their format and sizes. */
+  async details(): Promise<ImageDetails[]> {
     const entries = await readdir(this.dir).catch(() => [] as string[]);
     const names = entries
       .filter((entry) => entry.endsWith(IMAGE_SUFFIX))
       .map((entry) => entry.slice(0, -IMAGE_SUFFIX.length))
-      .filter((name) => v.is(ImageName, name));
+      .filter((name) => v.is(ImageName, name))
+      .sort();
     const verdicts = await Promise.all(names.map((name) => this.verdict(name)));
-    return names.filter((_, index) => verdicts[index]?.usable).sort();
+    return names.flatMap((name, index) => {
+      const verdict = verdicts[index];
+      if (!verdict?.usable) return [];
+      const { format, virtualSize, fileSize } = verdict;
+      return [{ name, format, "virtual-size": virtualSize, "file-size": fileSize }];
+    });
   }
 
   private async check(name: string, path: string): Promise<ImageVerdict> {
@@ -217,6 +232,8 @@ export class ImageStore {
     const seen = new Set<string>();
     let reference = top;
     let format: string | undefined;
+    /** What `images` shows: the file QEMU opens first, as qemu-img and stat saw it. */
+    let shown: { format: string; virtualSize: number; fileSize: number } | null = null;
     for (let depth = 0; depth < MAX_CHAIN_FILES; depth++) {
       const what = depth === 0 ? basename(top) : `its backing file ${reference}`;
       const real = await realpath(reference).catch(() => null);
@@ -249,9 +266,10 @@ export class ImageStore {
       }
       const judged = judgeLayer(what, layer);
       if ("reason" in judged) return done(unusable(judged.reason));
+      shown ??= { format: layer.format, virtualSize: layer["virtual-size"], fileSize: info.size };
       if (judged.next === null) {
         const topReal = stamps[1]?.real;
-        return done(topReal ? { usable: true, real: topReal } : MISSING);
+        return done(topReal ? { usable: true, real: topReal, ...shown } : MISSING);
       }
       reference = judged.next.path;
       format = judged.next.format;

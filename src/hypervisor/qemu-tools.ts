@@ -249,6 +249,19 @@ export const createOverlay = async (qemuImg: string, base: string, disk: string)
   }
 };
 
+/**
+ * One internal snapshot as QEMU describes it (QAPI's SnapshotInfo), alike in
+ * `qemu-img info --output=json` and in QMP's query-block.
+ */
+export const QemuSnapshotInfo = v.looseObject({
+  id: v.string(),
+  name: v.string(),
+  "vm-state-size": v.number(),
+  "date-sec": v.number(),
+  "date-nsec": v.number(),
+});
+export type QemuSnapshotInfo = v.InferOutput<typeof QemuSnapshotInfo>;
+
 // Only the fields we use; qemu-img prints many more, which are kept.
 const ImageInfo = v.looseObject({
   filename: v.string(),
@@ -258,6 +271,8 @@ const ImageInfo = v.looseObject({
   "full-backing-filename": v.optional(v.string()),
   "backing-filename-format": v.optional(v.string()),
   encrypted: v.optional(v.boolean()),
+  /** Internal snapshots; qemu-img leaves the key out when there are none. */
+  snapshots: v.optional(v.array(QemuSnapshotInfo)),
   "format-specific": v.optional(
     v.looseObject({
       type: v.string(),

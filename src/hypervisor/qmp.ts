@@ -6,6 +6,7 @@ import * as v from "valibot";
 import { type Deferred, deferred, messageOf, settlesWithin, withTimeout } from "../_utils.ts";
 import { HypervisorError } from "../errors.ts";
 import { logger } from "../log.ts";
+import { QemuSnapshotInfo } from "./qemu-tools.ts";
 
 const log = logger.withTag("qmp");
 
@@ -49,6 +50,24 @@ export type QmpStatus = v.InferOutput<typeof QmpStatus>;
 /** The reply to `query-kvm`. */
 const QmpKvm = v.looseObject({ enabled: v.boolean(), present: v.boolean() });
 export type QmpKvm = v.InferOutput<typeof QmpKvm>;
+
+/** One entry of `query-block`: a drive, and the image in it with its internal snapshots. */
+const QmpBlockDevice = v.looseObject({
+  /** The drive's name (`virtio0` for the first `-drive if=virtio`); empty for a drive made with -blockdev. */
+  device: v.string(),
+  inserted: v.optional(
+    v.looseObject({
+      /** The image file the drive opened, as it was named on QEMU's command line. */
+      file: v.string(),
+      "node-name": v.optional(v.string()),
+      image: v.looseObject({
+        filename: v.string(),
+        snapshots: v.optional(v.array(QemuSnapshotInfo)),
+      }),
+    }),
+  ),
+});
+export type QmpBlockDevice = v.InferOutput<typeof QmpBlockDevice>;
 
 /** QEMU answered a command with an error (as opposed to the connection failing). */
 export class QmpCommandError extends HypervisorError {
@@ -187,6 +206,10 @@ export class QmpClient {
 
   queryKvm(options: { timeoutMs?: number } = {}): Promise<QmpKvm> {
     return this.query(QmpKvm, "query-kvm", undefined, options);
+  }
+
+  queryBlock(options: { timeoutMs?: number } = {}): Promise<QmpBlockDevice[]> {
+    return this.query(v.array(QmpBlockDevice), "query-block", undefined, options);
   }
 
   /** Listens to asynchronous events (SHUTDOWN, POWERDOWN, STOP, RESUME, ...); returns an unsubscribe function. */

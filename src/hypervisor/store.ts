@@ -182,12 +182,16 @@ export class StateStore {
    * from before boot ids were kept, or a boot whose id could not be read.
    */
   readonly previousBootId: string | null;
+  /** The current boot's id; null where the kernel does not tell. */
+  readonly bootId: string | null;
   private readonly vms = new Map<string, VmRecord>();
   private readonly byRequest = new Map<string, string>();
   /** Each record as JSON, kept from put() to put(): writes and lists join these. */
   private readonly serialized = new Map<string, string>();
-  /** The document's text up to its records: checked once, as none of it changes while open. */
-  private readonly head: string;
+  /** The document's text up to its records: checked once, and only the boot id in it ever changes. */
+  private head: string;
+  private readonly currentHead: string;
+  private readonly hostId: string;
   private readonly lock: StateLock;
   private readonly writer: StateWriter;
   /** Transactions not yet committed: the file gets their records as they were before them. */
@@ -217,16 +221,12 @@ export class StateStore {
     this.dir = dir;
     this.path = join(dir, STATE_FILE);
     this.previousBootId = previousBootId;
+    this.bootId = bootId;
+    this.hostId = host;
     this.lock = lock;
     this.writer = writer;
-    const header = v.safeParse(StateHeader, { format: STATE_FORMAT, "boot-id": bootId, host });
-    if (!header.success) {
-      throw new StoreError(
-        `Refusing to write the state file ${this.path}: ${describeIssues(header.issues)}`,
-      );
-    }
-    // Stringified from the checked header, so what is written is exactly what was checked.
-    this.head = JSON.stringify(header.output).slice(0, -1);
+    this.currentHead = this.headFor(bootId);
+    this.head = this.currentHead;
     for (const record of records) this.apply(record["vm-id"], record);
   }
 
@@ -358,6 +358,36 @@ export class StateStore {
     }
     this.closed = true;
     this.lock.release();
+  }
+
+  /**
+   * Until releaseBootId(), writes keep the previous boot's id in the file: the
+   * host holds it while it still has work a reboot left (VMs to start again),
+   * so that an agent that dies half-way leaves the next one the same evidence.
+   */
+  holdPreviousBootId(): void {
+    this.head = this.headFor(this.previousBootId);
+  }
+
+  /** Writes from now on say that this boot wrote the file (as they do unless held). */
+  releaseBootId(): void {
+    this.head = this.currentHead;
+  }
+
+  /** The header's text, checked, for a file written during the boot `bootId`. */
+  private headFor(bootId: string | null): string {
+    const header = v.safeParse(StateHeader, {
+      format: STATE_FORMAT,
+      "boot-id": bootId,
+      host: this.hostId,
+    });
+    if (!header.success) {
+      throw new StoreError(
+        `Refusing to write the state file ${this.path}: ${describeIssues(header.issues)}`,
+      );
+    }
+    // Stringified from the checked header, so what is written is exactly what was checked.
+    return JSON.stringify(header.output).slice(0, -1);
   }
 
   /** The record, validated: what put() and a transaction store. */

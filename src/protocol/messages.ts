@@ -153,12 +153,62 @@ export const GuestInfo = v.object({
 });
 export type GuestInfo = v.InferOutput<typeof GuestInfo>;
 
+/**
+ * A snapshot's name, as an image's is spelled: it travels in qemu-img's
+ * argument list (never a leading "-") and in QMP. Not only digits: QEMU looks
+ * a snapshot up by its number before its name, so "2" could be another one.
+ */
+export const SnapshotName = v.pipe(
+  v.string("name must be a string"),
+  v.regex(NAME_RULE, `name must be ${NAME_RULE_TEXT}`),
+  v.check(
+    (name) => !/^[0-9]+$/.test(name),
+    "name must not be only digits (QEMU would take it for a snapshot's number)",
+  ),
+);
+
+/** create-snapshot: without a name, the agent makes one from the time. */
+const CreateSnapshotOptions = v.looseObject({ "vm-id": VmId, name: v.optional(SnapshotName) });
+export type CreateSnapshotOptions = v.InferOutput<typeof CreateSnapshotOptions>;
+/** restore-snapshot, delete-snapshot: the snapshot is named. */
+const NamedSnapshotOptions = v.looseObject({ "vm-id": VmId, name: SnapshotName });
+export type NamedSnapshotOptions = v.InferOutput<typeof NamedSnapshotOptions>;
+
+/** One internal snapshot of a VM's disk (a qcow2 overlay), as QEMU lists it. */
+export const Snapshot = v.object({
+  /** Any name the disk holds: one made outside aetherscale need not follow SnapshotName. */
+  name: v.string(),
+  /** When it was taken, by the host's clock (ISO 8601, UTC). */
+  "created-at": v.string(),
+  /** Bytes of the guest's memory saved with it: 0 for the disk-only snapshots aetherscale takes. */
+  "vm-state-size": v.number(),
+});
+export type Snapshot = v.InferOutput<typeof Snapshot>;
+
+/** The reply to every snapshot command: the VM's snapshots after it ran. */
+export const VmSnapshots = v.object({
+  "vm-id": VmId,
+  /** Oldest first. */
+  snapshots: v.array(Snapshot),
+  /** What the VM's disk takes on its host, snapshots included; absent where there is no disk file (fake driver). */
+  "disk-bytes": v.optional(v.number()),
+  /** What create, restore and delete did, and to which snapshot; absent for a list. */
+  status: v.optional(v.picklist(["created", "restored", "deleted"])),
+  name: v.optional(v.string()),
+  hint: v.optional(v.string()),
+});
+export type VmSnapshots = v.InferOutput<typeof VmSnapshots>;
+
 /** The full record of a VM, with where to reach it and what its guest says. */
 export const VmInfo = v.object({
   ...VmRecord.entries,
   /** The address its forwarded ports are reached at, as the agent advertises it. */
   address: v.optional(v.string()),
   guest: v.optional(GuestInfo),
+  /** What the VM's disk takes on its host, snapshots included. */
+  "disk-bytes": v.optional(v.number()),
+  /** The snapshots of its disk, oldest first (absent when they could not be read just then). */
+  snapshots: v.optional(v.array(Snapshot)),
 });
 export type VmInfo = v.InferOutput<typeof VmInfo>;
 
@@ -211,6 +261,18 @@ const Capacity = v.object({
   "used-memory": v.number(),
 });
 
+/** One base image a host can create VMs from, as `aetherscale images` shows it. */
+export const ImageDetails = v.object({
+  name: v.string(),
+  /** qcow2 or raw: what qemu-img says the file is. */
+  format: v.string(),
+  /** Bytes: the size of the disk a VM made from it sees. */
+  "virtual-size": v.number(),
+  /** Bytes: the size of the image file on the host. */
+  "file-size": v.number(),
+});
+export type ImageDetails = v.InferOutput<typeof ImageDetails>;
+
 export const HostInfo = v.object({
   host: v.string(),
   vms: v.number(),
@@ -218,11 +280,16 @@ export const HostInfo = v.object({
   version: v.string(),
   "uptime-s": v.number(),
   driver: v.string(),
+  /** The names of the usable images; kept beside `image-details` for clients that read only names. */
   images: v.array(v.string()),
+  /** The same images with their format and sizes (older agents do not say). */
+  "image-details": v.optional(v.array(ImageDetails)),
   /** What runs this host's VMs: kvm, tcg or fake (older agents do not say). */
   accelerator: v.optional(v.string()),
   /** The address this host's VMs are reached at. */
   address: v.optional(v.string()),
+  /** What the disks of this host's VMs take on it, their snapshots included (absent without disk files: fake driver). */
+  "disk-bytes": v.optional(v.number()),
 });
 export type HostInfo = v.InferOutput<typeof HostInfo>;
 
@@ -236,6 +303,10 @@ export const COMMAND_SCHEMAS = {
   "vm-info": { options: VmOptions, response: VmInfo },
   "vm-console": { options: VmConsoleOptions, response: ConsoleTail },
   "list-hosts": { options: NoOptions, response: HostInfo },
+  "create-snapshot": { options: CreateSnapshotOptions, response: VmSnapshots },
+  "list-snapshots": { options: VmOptions, response: VmSnapshots },
+  "restore-snapshot": { options: NamedSnapshotOptions, response: VmSnapshots },
+  "delete-snapshot": { options: NamedSnapshotOptions, response: VmSnapshots },
 } as const;
 type Schemas = typeof COMMAND_SCHEMAS;
 
@@ -261,6 +332,10 @@ export const VM_COMMANDS = [
   "delete-vm",
   "vm-info",
   "vm-console",
+  "create-snapshot",
+  "list-snapshots",
+  "restore-snapshot",
+  "delete-snapshot",
 ] as const satisfies readonly CommandName[];
 /** The command every host competes for; the others every host answers (the tutorial's broadcast keys). */
 export const CREATE_COMMAND = "create-vm" as const satisfies CommandName;

@@ -23,6 +23,8 @@ export type ClientOptions = {
 export type Gathered = {
   /** The bodies of the replies that arrived, in order. */
   bodies: Buffer[];
+  /** When each of them arrived, in ms after the request was published (what --verbose shows). */
+  elapsedMs: number[];
   /** How many answers were expected (live agents for a broadcast, else 1). */
   expected: number;
   /** How many of those did not arrive in time. */
@@ -42,6 +44,8 @@ export type SendOptions = {
 
 type Pending = {
   bodies: Buffer[];
+  elapsedMs: number[];
+  sentAt: number;
   expected: number;
   done: (unrouted: boolean) => void;
   fail: (error: Error) => void;
@@ -151,14 +155,17 @@ export class Client {
     const { expect, mandatory } = options;
     return new Promise<Gathered>((resolve, reject) => {
       const bodies: Buffer[] = [];
+      const elapsedMs: number[] = [];
       const pending: Pending = {
         bodies,
+        elapsedMs,
+        sentAt: performance.now(),
         expected: typeof expect === "number" ? expect : Number.POSITIVE_INFINITY,
         done: (unrouted) => {
           settle();
           const expected = Number.isFinite(pending.expected) ? pending.expected : bodies.length;
           const missing = unrouted ? 0 : Math.max(0, expected - bodies.length);
-          resolve({ bodies, expected, missing, unrouted });
+          resolve({ bodies, elapsedMs, expected, missing, unrouted });
         },
         fail: (error: Error) => {
           settle();
@@ -250,6 +257,7 @@ export class Client {
     const pending = id === undefined ? undefined : this.pending.get(id);
     if (pending === undefined) return;
     pending.bodies.push(msg.content);
+    pending.elapsedMs.push(performance.now() - pending.sentAt);
     if (pending.bodies.length >= pending.expected) pending.done(false);
   }
 

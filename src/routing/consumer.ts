@@ -139,6 +139,8 @@ type Session = {
   ops: Channel;
   consumerTags: string[];
   alive: boolean;
+  /** Where claim locks are declared; the broker closes it on each refusal, so it is made again. */
+  claims: Channel | null;
 };
 
 /**
@@ -276,7 +278,7 @@ export class AgentConsumer {
         model.createConfirmChannel(),
         model.createChannel(),
       ]);
-      session = { model, consume, publish, ops, consumerTags: [], alive: true };
+      session = { model, consume, publish, ops, consumerTags: [], alive: true, claims: null };
       const current = session;
       for (const channel of [consume, publish, ops]) {
         channel.on("error", (error: Error) => log.warn(`broker channel error: ${error.message}`));
@@ -400,9 +402,9 @@ export class AgentConsumer {
       return this.answer(session, msg, handler.errorBody(this.tooLate(plan.what, deadline)));
     }
     // Claimed elsewhere (a redelivery after a host died, or a client's retry):
-    // the host that claimed it answers it.
+    // the host that claimed it answers it. Looked up when this host is about
+    // to claim it (see claim), or before it hands it on.
     const awayFromHome = shouldSendHome(delivery.routingKey, plan.home);
-    if (awayFromHome && (await this.sendHome(session, msg, plan.home as string))) return;
     const claimed: string[] = [];
     const claim = async (route: string) => {
       if (claimed.includes(route)) return;
@@ -428,6 +430,7 @@ export class AgentConsumer {
     }
     if (outcome.kind === "decline") {
       await this.unbindAll(session, claimed);
+      if (awayFromHome && (await this.sendHome(session, msg, plan.home as string))) return;
       // One that came by its home route but was never run here goes back to
       // the shared queue, where another host may serve it.
       const competing = plan.routes.find((route) =>
@@ -486,11 +489,10 @@ export class AgentConsumer {
   ): Promise<boolean> {
     const giveUpAt = Math.min(deadline ?? Number.POSITIVE_INFINITY, Date.now() + CLAIM_WAIT_MS);
     for (let attempt = 0; ; attempt++) {
-      const lock = await session.model.createChannel();
-      lock.on("error", () => undefined);
       let held = false;
+      const channel = await this.claimChannel(session);
       try {
-        await lock.assertQueue(claimQueue(route), {
+        await channel.assertQueue(claimQueue(route), {
           exclusive: true,
           durable: false,
           autoDelete: false,
@@ -501,17 +503,33 @@ export class AgentConsumer {
         await bindRoute(session.ops, this.hostId, route);
         return false;
       } catch (error) {
-        if (held || parseBrokerError(error).failure !== "resource-locked") throw error;
+        if (held || !session.alive) throw error;
         if (Date.now() > giveUpAt) {
           throw new Error(`another host held the claim on ${route} for too long`);
         }
-        await sleep(Math.min(10 * 2 ** attempt, 200));
-        if (await this.sendHome(session, msg, route)) return true;
+        // Refused: another host holds it. Anything else on a live session is
+        // another claim's refusal closing the shared channel: again, on a new one.
+        if (session.claims === channel) session.claims = null;
+        if (parseBrokerError(error).failure === "resource-locked") {
+          await sleep(Math.min(10 * 2 ** attempt, 200));
+          if (await this.sendHome(session, msg, route)) return true;
+        }
       } finally {
-        if (held) await lock.deleteQueue(claimQueue(route)).catch(() => undefined);
-        void lock.close().catch(() => undefined);
+        if (held) await session.ops.deleteQueue(claimQueue(route)).catch(() => undefined);
       }
     }
+  }
+
+  private async claimChannel(session: Session): Promise<Channel> {
+    if (session.claims === null) {
+      const channel = await session.model.createChannel();
+      channel.on("error", () => undefined);
+      channel.on("close", () => {
+        if (session.claims === channel) session.claims = null;
+      });
+      session.claims = channel;
+    }
+    return session.claims;
   }
 
   private async answer(session: Session, msg: ConsumeMessage, body: Buffer): Promise<void> {

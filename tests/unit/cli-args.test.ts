@@ -15,13 +15,15 @@ import {
   numberArg,
   repeatedValues,
   resolveAmqpUrl,
+  resolveCaFile,
   restOf,
   secondsArg,
   sshArgs,
   vmIdArg,
 } from "../../src/cli/args.ts";
 import { createRequest, readInitScript, vmRequest } from "../../src/cli/requests.ts";
-import { checkFlags } from "../../src/cli/run.ts";
+import { checkFlags, closest } from "../../src/cli/run.ts";
+import { fileErrorText } from "../../src/cli/text-files.ts";
 import { UsageError } from "../../src/errors.ts";
 import { MAX_INIT_SCRIPT_BYTES } from "../../src/protocol/messages.ts";
 
@@ -91,6 +93,66 @@ describe("numbers from flags", () => {
     expect(resolveAmqpUrl(undefined, { AETHERSCALE_AMQP_URL: "amqp://b" })).toBe("amqp://b");
     expect(resolveAmqpUrl(undefined, { RABBITMQ_HOST: "rabbit" })).toBe("amqp://rabbit");
     expect(resolveAmqpUrl(undefined, {})).toBe("amqp://localhost");
+    expect(resolveAmqpUrl("amqps://u:p@h:5671/v?heartbeat=5", {})).toBe(
+      "amqps://u:p@h:5671/v?heartbeat=5",
+    );
+  });
+
+  test("a broker URL that is no amqp:// or amqps:// URL is a usage error naming where it came from", async () => {
+    expect(await usageError(() => resolveAmqpUrl("http://localhost:15672", {}))).toBe(
+      '--amqp-url must be an amqp:// or amqps:// URL, not "http://localhost:15672/"',
+    );
+    expect(await usageError(() => resolveAmqpUrl("localhost", {}))).toBe(
+      '--amqp-url must be an amqp:// or amqps:// URL, not "localhost"',
+    );
+    expect(
+      await usageError(() =>
+        resolveAmqpUrl(undefined, { AETHERSCALE_AMQP_URL: "https://u:pw@h/" }),
+      ),
+    ).toBe('AETHERSCALE_AMQP_URL must be an amqp:// or amqps:// URL, not "https://u:***@h/"');
+    expect(
+      await usageError(() => resolveAmqpUrl(undefined, { RABBITMQ_HOST: "bad host" })),
+    ).toStartWith("amqp://$RABBITMQ_HOST must be an amqp:// or amqps:// URL");
+  });
+
+  test("a CA file that cannot be read is a usage error before anything connects", async () => {
+    expect(resolveCaFile(undefined, {})).toBeUndefined();
+    const missing = join(dir, "missing-ca.pem");
+    expect(await usageError(() => resolveCaFile(missing, {}))).toBe(
+      `Cannot read the CA file ${missing} (--amqp-ca): no such file`,
+    );
+    expect(await usageError(() => resolveCaFile(undefined, { AETHERSCALE_AMQP_CA: dir }))).toBe(
+      `The CA file ${dir} (AETHERSCALE_AMQP_CA) is not a regular file`,
+    );
+    const ca = join(dir, "ca.pem");
+    await writeFile(ca, "-----BEGIN CERTIFICATE-----\n");
+    expect(resolveCaFile(ca, {})).toBe(ca);
+  });
+});
+
+describe("did you mean", () => {
+  test("a letter off, a letter missing, two letters swapped, or the start of a name", () => {
+    const flags = ["--timeout", "--json", "--amqp-url", "--verbose"];
+    expect(closest("--tiemout", flags)).toBe("--timeout");
+    expect(closest("--jsn", flags)).toBe("--json");
+    expect(closest("--verb", flags)).toBe("--verbose");
+    expect(closest("lsit", ["list", "info"])).toBe("list");
+    expect(closest("image", ["hosts", "images"])).toBe("images");
+    expect(closest("frobnicate", ["create", "list", "info"])).toBeUndefined();
+  });
+});
+
+describe("file errors in words", () => {
+  test("the trouble, without the code and the system call", () => {
+    const error = (code: string, message: string) => Object.assign(new Error(message), { code });
+    expect(fileErrorText(error("ENOENT", "ENOENT: no such file or directory, open '/x'"))).toBe(
+      "no such file",
+    );
+    expect(fileErrorText(error("EACCES", "EACCES: permission denied, open '/x'"))).toBe(
+      "permission denied",
+    );
+    expect(fileErrorText(error("EIO", "EIO: i/o error, read"))).toBe("i/o error, read");
+    expect(fileErrorText(error("EIO", "EIO: i/o error, open '/x'"))).toBe("i/o error");
   });
 });
 
@@ -223,8 +285,8 @@ describe("requests are checked against the protocol's schemas", () => {
   });
 
   test("an init script that is missing or not UTF-8 is named", async () => {
-    expect(await usageError(() => readInitScript(join(dir, "missing.sh")))).toStartWith(
-      `Cannot read the init script ${join(dir, "missing.sh")}`,
+    expect(await usageError(() => readInitScript(join(dir, "missing.sh")))).toBe(
+      `Cannot read the init script ${join(dir, "missing.sh")}: no such file`,
     );
     const binary = join(dir, "binary.sh");
     await writeFile(binary, Buffer.from([0x23, 0x21, 0xff, 0xfe, 0x0a]));

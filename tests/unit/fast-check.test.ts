@@ -26,6 +26,17 @@ const record = () => ({
   isolated: true,
 });
 
+const snapshot = () => ({
+  name: "before-upgrade",
+  "created-at": "2026-01-01T00:00:00.000Z",
+  "vm-state-size": 0,
+});
+const snapshots = () => ({
+  "vm-id": "abcdefgh",
+  snapshots: [snapshot(), { ...snapshot(), name: "snap-20260101-000000" }],
+  "disk-bytes": 2_097_152,
+});
+
 const VALID: Record<CommandName, () => unknown> = {
   "create-vm": () => ({ status: "starting", "vm-id": "abcdefgh" }),
   "list-vms": () => [record(), record()],
@@ -36,6 +47,8 @@ const VALID: Record<CommandName, () => unknown> = {
     ...record(),
     address: "127.0.0.1",
     guest: { agent: true, ips: ["10.0.2.15"] },
+    "disk-bytes": 1_048_576,
+    snapshots: [snapshot()],
   }),
   "vm-console": () => ({ "vm-id": "abcdefgh", offset: 0, end: 3, data: "abc" }),
   "list-hosts": () => ({
@@ -47,6 +60,15 @@ const VALID: Record<CommandName, () => unknown> = {
     driver: "qemu",
     images: ["base"],
     accelerator: "tcg",
+  }),
+  "create-snapshot": () => ({ ...snapshots(), status: "created", name: "before-upgrade" }),
+  "list-snapshots": snapshots,
+  "restore-snapshot": () => ({ ...snapshots(), status: "restored", name: "before-upgrade" }),
+  "delete-snapshot": () => ({
+    ...snapshots(),
+    status: "deleted",
+    name: "x",
+    hint: "the snapshot was deleted, but the list could not be read",
   }),
 };
 

@@ -80,6 +80,10 @@ describe("HostHandler", () => {
         "stop-vm",
         "vm-info",
         "vm-console",
+        "create-snapshot",
+        "list-snapshots",
+        "restore-snapshot",
+        "delete-snapshot",
       ].sort(),
     );
   });

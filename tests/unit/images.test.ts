@@ -131,6 +131,30 @@ describe("image files", () => {
     expect(await images.list()).toEqual(["a".repeat(64), "alias", "base"]);
   });
 
+  test("details: the top file's format and virtual size (qemu-img's) and its size on disk", async () => {
+    const details = join(root, "details");
+    await mkdir(details);
+    await writeFile(join(details, "top.qcow2"), "x".repeat(1000));
+    await writeFile(join(details, "base.qcow2"), "y".repeat(10));
+    const { inspect } = standIn({
+      [join(details, "top.qcow2")]: {
+        format: "qcow2",
+        "virtual-size": 4 * 1024 ** 3,
+        "full-backing-filename": join(details, "base.qcow2"),
+        "backing-filename-format": "raw",
+      },
+    });
+    const store = new ImageStore(details, { inspect });
+    expect(await store.details()).toEqual([
+      { name: "base", format: "raw", "virtual-size": 0, "file-size": 10 },
+      { name: "top", format: "qcow2", "virtual-size": 4 * 1024 ** 3, "file-size": 1000 },
+    ]);
+    expect(await store.list()).toEqual(["base", "top"]);
+    // A changed file is judged again: its new size is what is shown.
+    await writeFile(join(details, "top.qcow2"), "x".repeat(2000));
+    expect((await store.details())[1]?.["file-size"]).toBe(2000);
+  });
+
   test("a missing images directory lists nothing and has no image", async () => {
     const none = new ImageStore(join(root, "no-such-dir"), { inspect: standIn().inspect });
     expect(await none.list()).toEqual([]);

@@ -1,17 +1,21 @@
 // What a user sees for each kind of outcome: tables and lines, the tutorial's
 // JSON array, errors on stderr, and the exit code. No process, no broker.
 import { describe, expect, test } from "bun:test";
+import { imagesHint, imageWasMissing } from "../../src/cli/images.ts";
 import { EXIT, emit, Reported, report, table, withFeedback } from "../../src/cli/output.ts";
 import {
+  bytesText,
   consoleText,
+  durationText,
   forwardsText,
   hostsTable,
+  imagesTable,
   reachableLine,
   statusLines,
   vmDetails,
   vmTable,
 } from "../../src/cli/views.ts";
-import type { HostInfo, VmRecord } from "../../src/protocol/messages.ts";
+import type { HostInfo, ImageDetails, VmRecord } from "../../src/protocol/messages.ts";
 import { hostError, hostOk, outcomeOf } from "../support/outcomes.ts";
 
 const record = (id: string, host: string, createdAt: string): VmRecord => ({
@@ -66,9 +70,9 @@ describe("vm list", () => {
     expect(out.stdout).toBe(
       [
         "VM ID     HOST  STATUS   IMAGE  MEMORY  CPUS  SSH PORT  CREATED",
-        "aaaaaaaa  h1    running  base   2 GiB   2     -         2024-01-01 10:20:30",
-        "cccccccc  h1    running  base   2 GiB   2     -         2024-01-03 00:00:00",
-        "bbbbbbbb  h2    running  base   2 GiB   2     22001     2024-01-02 00:00:00",
+        "aaaaaaaa  h1    running  base   2 GiB   2     -         2024-01-01T10:20:30Z",
+        "cccccccc  h1    running  base   2 GiB   2     -         2024-01-03T00:00:00Z",
+        "bbbbbbbb  h2    running  base   2 GiB   2     22001     2024-01-02T00:00:00Z",
         "",
       ].join("\n"),
     );
@@ -150,18 +154,30 @@ describe("a command to one VM", () => {
     expect(asJson.exitCode).toBe(EXIT.failed);
   });
 
-  test("no host holds the VM: VM does not exist, exit 1, and --json prints []", () => {
-    const unrouted = outcomeOf("vm-info", [], { expected: 1, unrouted: true });
+  test("no host holds the VM: VM does not exist, naming the id and `vm list`, exit 1, and --json prints []", () => {
+    const unrouted = outcomeOf("vm-info", [], { expected: 1, unrouted: true, vmId: "abcdefgh" });
+    const stderr =
+      "error: VM does not exist: no live host holds VM abcdefgh\n" +
+      "Run `aetherscale vm list` to see the VMs you can use.\n";
     expect(report(unrouted, { ...human, view: vmDetails })).toEqual({
       stdout: "",
-      stderr: "error: VM does not exist\n",
+      stderr,
       exitCode: EXIT.failed,
     });
     expect(report(unrouted, { ...json, view: vmDetails })).toEqual({
       stdout: "[]\n",
-      stderr: "error: VM does not exist\n",
+      stderr,
       exitCode: EXIT.failed,
     });
+  });
+
+  test("a host that says VM does not exist (another user's VM): the same hint, not with --json", () => {
+    const refused = outcomeOf("stop-vm", [hostError("h1", "VM does not exist")]);
+    expect(report(refused, { ...human, view: statusLines }).stderr).toBe(
+      "error: VM does not exist (host h1)\nRun `aetherscale vm list` to see the VMs you can use.\n",
+    );
+    // The host's error is in the array; nothing needs saying beside it.
+    expect(report(refused, { ...json, view: statusLines }).stderr).toBe("");
   });
 
   test("the host did not answer in time: exit 3, nothing made up", () => {
@@ -263,6 +279,26 @@ describe("a command to one VM", () => {
     );
   });
 
+  test("no host with room: what to look at and what to do", () => {
+    const full = outcomeOf("create-vm", [hostError("h1", "No host has capacity for this VM")]);
+    expect(report(full, { ...human, view: statusLines }).stderr).toBe(
+      "error: No host has capacity for this VM (host h1)\n" +
+        "`aetherscale hosts` shows each host's VMs and memory against its limits: delete a VM you no longer need (`aetherscale vm delete ID`), ask for less --memory, or start an agent on another host.\n",
+    );
+  });
+
+  test("vm info shows its times in UTC, saying so", () => {
+    const info = outcomeOf("vm-info", [
+      hostOk("h1", {
+        ...record("abcdefgh", "h1", "2024-01-01T10:20:30.456Z"),
+        "updated-at": "2024-01-01T12:00:00+02:00",
+      }),
+    ]);
+    const out = report(info, { ...human, view: vmDetails }).stdout;
+    expect(out).toContain("created-at:  2024-01-01T10:20:30Z\n");
+    expect(out).toContain("updated-at:  2024-01-01T10:00:00Z\n");
+  });
+
   test("create: a broker return means no agent received it", () => {
     const out = report(outcomeOf("create-vm", [], { expected: 1, unrouted: true }), {
       ...human,
@@ -288,6 +324,87 @@ describe("hosts", () => {
       /^h1\s+1\/∞\s+256 MiB\/4 GiB\s+fake\s+-\s+-\s+base,alpine\s+0\.1\.0\s+12s$/,
     );
     expect(lines[2]).toMatch(/^h2\s+.*\s+qemu\s+tcg\s+192\.0\.2\.7\s+/);
+  });
+
+  test("uptime reads as a duration", () => {
+    expect(durationText(0)).toBe("0s");
+    expect(durationText(59.9)).toBe("59s");
+    expect(durationText(63)).toBe("1m 03s");
+    expect(durationText(3 * 3600 + 12 * 60 + 5)).toBe("3h 12m");
+    expect(durationText(2 * 86_400 + 4 * 3600)).toBe("2d 4h");
+  });
+});
+
+describe("images", () => {
+  const detailed = (host: string, images: ImageDetails[]): HostInfo => ({
+    ...hostInfo(host),
+    images: images.map((image) => image.name),
+    "image-details": images,
+  });
+  const debian: ImageDetails = {
+    name: "debian-12",
+    format: "qcow2",
+    "virtual-size": 4 * 1024 ** 3,
+    "file-size": 188_743_680,
+  };
+  const blank: ImageDetails = { name: "base", format: "raw", "virtual-size": 0, "file-size": 0 };
+
+  test("one row per image and host, by image then host, sizes readable", () => {
+    const hosts = outcomeOf("list-hosts", [
+      hostOk("h2", detailed("h2", [blank, debian])),
+      hostOk("h1", detailed("h1", [debian])),
+      // An older agent names its images only.
+      hostOk("h0", { ...hostInfo("h0"), images: ["alpine"] }),
+    ]);
+    const out = report(hosts, { ...human, view: imagesTable });
+    expect(out.exitCode).toBe(EXIT.ok);
+    expect(out.stdout).toBe(
+      [
+        "IMAGE      HOST  FORMAT  VIRTUAL SIZE  FILE SIZE",
+        "alpine     h0    -       -             -",
+        "base       h2    raw     0 B           0 B",
+        "debian-12  h1    qcow2   4 GiB         180 MiB",
+        "debian-12  h2    qcow2   4 GiB         180 MiB",
+        "",
+      ].join("\n"),
+    );
+    // --json: the list-hosts replies as the hosts sent them, details and all.
+    const asJson = JSON.parse(report(hosts, { ...json, view: imagesTable }).stdout);
+    expect(asJson[0].response["image-details"]).toEqual([blank, debian]);
+  });
+
+  test("no images anywhere says where images come from", () => {
+    const none = outcomeOf("list-hosts", [hostOk("h1", { ...hostInfo("h1"), images: [] })]);
+    expect(report(none, { ...human, view: imagesTable }).stdout).toBe(
+      "No usable images on 1 host(s). An agent offers each <name>.qcow2 in its --images-dir (see `aetherscale agent --help`).\n",
+    );
+  });
+
+  test("bytes in the largest unit that keeps the number at 1 or more", () => {
+    expect(bytesText(0)).toBe("0 B");
+    expect(bytesText(1023)).toBe("1023 B");
+    expect(bytesText(1536)).toBe("1.5 KiB");
+    expect(bytesText(188_743_680)).toBe("180 MiB");
+    expect(bytesText(4 * 1024 ** 4)).toBe("4 TiB");
+  });
+
+  test("a create refused for its image: the hint names what the live hosts have", () => {
+    const refused = outcomeOf("create-vm", [hostError("h2", 'Image "debain" does not exist')]);
+    expect(imageWasMissing(refused, "debain")).toBe(true);
+    expect(imageWasMissing(refused, "other")).toBe(false);
+    expect(imagesHint([detailed("h2", [blank, debian]), detailed("h1", [debian])])).toBe(
+      "Images the live hosts have: base (h2), debian-12 (h1, h2). See `aetherscale images` for their sizes.",
+    );
+    expect(imagesHint([{ ...hostInfo("h1"), images: [] }])).toContain(
+      "No live host has a usable image",
+    );
+    expect(imagesHint(null)).toBe(
+      "See which images the live hosts have with `aetherscale images`.",
+    );
+    const many = Array.from({ length: 14 }, (_, i) => `img${String(i).padStart(2, "0")}`);
+    const hint = imagesHint([{ ...hostInfo("h1"), images: many }]);
+    expect(hint).toContain("img11 (h1) and 2 more.");
+    expect(hint).not.toContain("img12");
   });
 });
 

@@ -26,13 +26,27 @@ const ROOT_NAMES = [
   "agent",
   "vm",
   "hosts",
+  "images",
+  "service",
   "create-vm",
   "list-vms",
   "start-vm",
   "stop-vm",
   "delete-vm",
+  "vm-info",
+  "list-hosts",
 ];
-const VM_NAMES = ["create", "list", "info", "start", "stop", "delete", "ssh", "console"];
+const VM_NAMES = [
+  "create",
+  "list",
+  "info",
+  "start",
+  "stop",
+  "delete",
+  "ssh",
+  "console",
+  "snapshot",
+];
 // Port 1 refuses at once: a request that got as far as connecting would say so.
 const unreachable = ["--amqp-url", "amqp://127.0.0.1:1"];
 const KEY =
@@ -93,9 +107,26 @@ describe("help and version", () => {
     const info = await run("vm", "info", "--help");
     expect(info.stdout).toContain("USAGE aetherscale vm info [OPTIONS] <ID>");
     const stop = await run("stop-vm", "--help");
-    for (const flag of ["--vm-id", "--kill", "--json", "--timeout"]) {
+    for (const flag of ["--vm-id", "--kill", "--timeout"]) {
       expect(stop.stdout).toContain(flag);
     }
+    // The tutorial's names always print JSON: a --json flag would do nothing.
+    for (const name of [
+      "create-vm",
+      "list-vms",
+      "start-vm",
+      "stop-vm",
+      "delete-vm",
+      "vm-info",
+      "list-hosts",
+    ]) {
+      const help = await run(name, "--help");
+      expect(help.stdout).toContain("always prints the JSON replies");
+      expect(help.stdout).not.toContain("--json");
+    }
+    const images = await run("images", "--help");
+    expect(images.stdout).toContain("USAGE aetherscale images");
+    expect(images.stdout).toContain("--json");
     const agent = await run("agent", "--help");
     for (const flag of ["--host-id", "--driver", "--max-vms"]) expect(agent.stdout).toContain(flag);
     expect(agent.stdout).not.toContain("\u001b[");
@@ -152,6 +183,21 @@ describe("bad input is a usage error, exit 2, before anything is sent", () => {
     [["vm", "ssh", "abcdefgh", "uname"], 'Unexpected argument "uname"'],
     [["vm", "ssh", "--", "abcdefgh"], "Missing required positional argument: ID"],
     [["vm", "ssh", "NOT-AN-ID", "--", "true"], "vm-id must be 8 lowercase letters"],
+    [["list-vms", "--json"], "error: Unknown option --json"],
+    [["vm-info"], "error: Missing required argument: --vm-id"],
+    [["vm-info", "--vm-id", "NOT-AN-ID"], "vm-id must be 8 lowercase letters"],
+    [["images", "--bogus"], "error: Unknown option --bogus"],
+    [["vm", "snapshot", "restore", "abcdefgh"], "Missing required positional argument: NAME"],
+    [["vm", "snapshot", "delete", "abcdefgh"], "Missing required positional argument: NAME"],
+    [["vm", "snapshot", "create", "abcdefgh", "../x"], "name must be 1-64 characters"],
+    [["vm", "snapshot", "create", "abcdefgh", "42"], "name must not be only digits"],
+    [["vm", "snapshot", "list", "abcdefgh", "extra"], 'Unexpected argument "extra"'],
+    [["vm", "snapshot", "delete", "NOT-AN-ID", "x"], "vm-id must be 8 lowercase letters"],
+    [["vm", "snapshot", "take", "abcdefgh"], "Unknown command take"],
+    [
+      ["vm", "create", "--image", "base", "--init-script", "/nonexistent/script.sh"],
+      "error: Cannot read the init script /nonexistent/script.sh: no such file\nCheck the path.\n",
+    ],
   ];
   for (const [args, message] of cases) {
     test(args.join(" "), async () => {
@@ -162,6 +208,49 @@ describe("bad input is a usage error, exit 2, before anything is sent", () => {
       expect(result.stdout).toBe("");
     });
   }
+
+  test("a value the command refused: one line and what to do, without the whole usage", async () => {
+    const result = await run("vm", "create", "--image", "base", "--memory", "abc", ...unreachable);
+    expect(result).toEqual({
+      code: 2,
+      stdout: "",
+      stderr:
+        'error: --memory must be a number, not "abc"\nRun `aetherscale vm create --help` for its flags.\n',
+    });
+  });
+
+  test("a mistyped flag or command: the usage, and what was probably meant", async () => {
+    const flag = await run("vm", "list", "--tiemout", "5", ...unreachable);
+    expect(flag.code).toBe(2);
+    expect(flag.stderr).toContain("USAGE aetherscale vm list");
+    expect(flag.stderr).toEndWith("error: Unknown option --tiemout\nDid you mean --timeout?\n");
+    const command = await run("image");
+    expect(command.code).toBe(2);
+    expect(command.stderr).toContain(
+      "error: Unknown command image\nDid you mean images? Known commands:",
+    );
+    const vm = await run("vm", "lsit");
+    expect(vm.stderr).toContain("Did you mean list?");
+    // An option before its command's name.
+    expect((await run("--json", "vm", "list")).stderr).toEndWith(
+      "error: Unknown option --json\nOptions go after the command they belong to: aetherscale vm list --json\n",
+    );
+    // Nothing close: no guess.
+    expect((await run("vm", "frobnicate")).stderr).not.toContain("Did you mean");
+  });
+
+  test("an http:// broker URL is a usage error, from the flag or the environment", async () => {
+    const flag = await run("hosts", "--amqp-url", "http://guest:secret@localhost:15672/");
+    expect(flag.code).toBe(2);
+    expect(flag.stderr).toContain(
+      'error: --amqp-url must be an amqp:// or amqps:// URL, not "http://guest:***@localhost:15672/"',
+    );
+    expect(flag.stderr).not.toContain("secret");
+    expect(flag.stderr).toContain("not the management UI's 15672");
+    const agent = await run("agent", "--driver", "fake", "--amqp-url", "localhost:5672");
+    expect(agent.code).toBe(2);
+    expect(agent.stderr).toContain("--amqp-url must be an amqp:// or amqps:// URL");
+  });
 
   test("a broker that cannot be reached is exit 1, one line naming it", async () => {
     const result = await run("vm", "list", ...unreachable, "--timeout", "5");

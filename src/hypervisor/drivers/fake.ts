@@ -3,9 +3,11 @@
 // (so no guest agent to ask: vm-info leaves `guest` out). Nothing
 // is kept: every VM the host's records say is running is taken to be running,
 // so a restarted agent finds its VMs running again, as a qemu host would.
+// Snapshots are names and times in memory, gone when the agent ends.
 import { sleep } from "../../_utils.ts";
-import type { Accelerator, GuestInfo } from "../../protocol/messages.ts";
-import type { RunInfo, StopOptions, VmDriver, VmSpec } from "../driver.ts";
+import { HypervisorError } from "../../errors.ts";
+import type { Accelerator, GuestInfo, Snapshot } from "../../protocol/messages.ts";
+import type { GuestFreeze, RunInfo, StopOptions, VmDriver, VmSpec } from "../driver.ts";
 
 const FAKE_RUN: RunInfo = { pid: null, accelerator: "fake", disk: null, consoleLog: null };
 
@@ -17,6 +19,8 @@ export type FakeDriverOptions = {
 export class FakeDriver implements VmDriver {
   readonly name = "fake" as const;
   private readonly bootMs: number;
+  /** Each VM's snapshots, oldest first. */
+  private readonly taken = new Map<string, Snapshot[]>();
 
   constructor(options: FakeDriverOptions = {}) {
     this.bootMs = options.bootMs ?? 0;
@@ -35,7 +39,9 @@ export class FakeDriver implements VmDriver {
 
   async kill(_spec: VmSpec): Promise<void> {}
 
-  async destroy(_spec: VmSpec): Promise<void> {}
+  async destroy(spec: VmSpec): Promise<void> {
+    this.taken.delete(spec.id);
+  }
 
   async reattach(_spec: VmSpec, _pid: number | null): Promise<RunInfo | null> {
     return FAKE_RUN;
@@ -49,7 +55,42 @@ export class FakeDriver implements VmDriver {
     return "fake";
   }
 
+  async snapshots(spec: VmSpec): Promise<Snapshot[]> {
+    return [...(this.taken.get(spec.id) ?? [])];
+  }
+
+  async diskBytes(_spec: VmSpec): Promise<number | null> {
+    return null;
+  }
+
+  async createSnapshot(spec: VmSpec, name: string): Promise<GuestFreeze> {
+    const snapshots = this.taken.get(spec.id) ?? [];
+    // What QEMU says of a second snapshot of one name; the host asks first.
+    if (snapshots.some((snapshot) => snapshot.name === name)) {
+      throw new HypervisorError(`Snapshot with name '${name}' already exists`);
+    }
+    const at = new Date().toISOString();
+    this.taken.set(spec.id, [...snapshots, { name, "created-at": at, "vm-state-size": 0 }]);
+    return {};
+  }
+
+  async restoreSnapshot(spec: VmSpec, name: string): Promise<void> {
+    this.find(spec, name);
+  }
+
+  async deleteSnapshot(spec: VmSpec, name: string): Promise<void> {
+    this.find(spec, name);
+    const left = (this.taken.get(spec.id) ?? []).filter((snapshot) => snapshot.name !== name);
+    this.taken.set(spec.id, left);
+  }
+
   onUnexpectedExit(_listener: (vmId: string, reason: string) => void): void {}
 
   async close(): Promise<void> {}
+
+  private find(spec: VmSpec, name: string): Snapshot {
+    const found = this.taken.get(spec.id)?.find((snapshot) => snapshot.name === name);
+    if (found === undefined) throw new HypervisorError(`Snapshot '${name}' does not exist`);
+    return found;
+  }
 }

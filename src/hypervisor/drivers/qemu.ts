@@ -3,21 +3,22 @@
 // so VMs outlive the agent; the driver finds them again through their pid file
 // and QMP socket.
 import { spawn } from "node:child_process";
-import { access, chmod, mkdir, rm } from "node:fs/promises";
+import { access, chmod, mkdir, rm, stat } from "node:fs/promises";
 import { basename, resolve } from "node:path";
 import { Deadline, KeyedLock, messageOf, pollUntil, sleep, withTimeout } from "../../_utils.ts";
 import { HypervisorError } from "../../errors.ts";
 import { logger } from "../../log.ts";
-import type { Accelerator, GuestInfo } from "../../protocol/messages.ts";
+import type { Accelerator, GuestInfo, Snapshot } from "../../protocol/messages.ts";
 import { DEFAULT_GENISOIMAGE } from "../cloud-init.ts";
 import {
+  type GuestFreeze,
   HostPortTakenError,
   type RunInfo,
   type StopOptions,
   type VmDriver,
   type VmSpec,
 } from "../driver.ts";
-import { guestIps, queryGuestInterfaces } from "../guest-agent.ts";
+import { guestIps, queryGuestInterfaces, withGuestFrozen } from "../guest-agent.ts";
 import {
   createDeviceFiles,
   filesIn,
@@ -41,6 +42,7 @@ import {
   tailOf,
 } from "../qemu-tools.ts";
 import { QmpClient } from "../qmp.ts";
+import { snapshotDrive, snapshotFile, snapshotsOfDrive, snapshotsOfFile } from "../snapshots.ts";
 
 const log = logger.withTag("qemu");
 
@@ -96,6 +98,8 @@ const FATAL_RUN_STATES = new Set(["internal-error", "guest-panicked"]);
 const FAILED_BOOT_STATES = new Set([...FATAL_RUN_STATES, "shutdown", "io-error"]);
 
 const DEFAULT_GUEST_AGENT_TIMEOUT_MS = 1000;
+/** Freezing writes out what the guest holds in memory: seconds under TCG with much unwritten. */
+const FREEZE_TIMEOUT_MS = 30_000;
 const QUIT_GRACE_MS = 3000;
 const TERM_GRACE_MS = 3000;
 const KILL_GRACE_MS = 5000;
@@ -311,6 +315,77 @@ export class QemuDriver implements VmDriver {
 
   reattach(spec: VmSpec, pid: number | null): Promise<RunInfo | null> {
     return this.vmLocks.run(spec.id, () => this.findRunning(spec, vmFiles(spec), pid));
+  }
+
+  // Not under the VM's lock: a read, which vm-info makes too.
+  async snapshots(spec: VmSpec): Promise<Snapshot[]> {
+    const files = vmFiles(spec);
+    const qmp = this.attachments.get(spec.id)?.qmp;
+    // The running QEMU's own view; without its QMP the file is read (qemu-img shares it with -U).
+    if (qmp != null && !qmp.closed) return snapshotsOfDrive(qmp, files.disk);
+    return snapshotsOfFile(this.programs().qemuImg, files.disk);
+  }
+
+  async diskBytes(spec: VmSpec): Promise<number | null> {
+    // Blocks, not the length: a qcow2 file may be sparse, and what it holds is what the host gives.
+    const stats = await stat(vmFiles(spec).disk).catch(() => null);
+    return stats === null ? null : stats.blocks * 512;
+  }
+
+  createSnapshot(spec: VmSpec, name: string): Promise<GuestFreeze> {
+    return this.vmLocks.run(spec.id, async () => {
+      const files = this.checkedFiles(spec);
+      return this.withQemu(spec.id, files, async (qmp) => {
+        if (qmp === null) {
+          await snapshotFile(this.programs().qemuImg, "create", name, files.disk);
+          return {};
+        }
+        const frozen = await withGuestFrozen(
+          files.qgaSocket,
+          {
+            label: `VM ${spec.id}`,
+            // A vm-info may hold the channel for its own timeout first.
+            syncTimeoutMs: this.guestAgentTimeoutMs + 1000,
+            freezeTimeoutMs: FREEZE_TIMEOUT_MS,
+          },
+          () => snapshotDrive(qmp, "create", name, files.disk),
+        );
+        if (frozen.notThawed !== undefined) {
+          log.error(
+            `VM ${spec.id}: the guest's file systems may still be frozen: ${frozen.notThawed}`,
+          );
+        }
+        return {
+          ...(frozen.notFrozen === undefined ? {} : { notFrozen: frozen.notFrozen }),
+          ...(frozen.notThawed === undefined ? {} : { notThawed: frozen.notThawed }),
+        };
+      });
+    });
+  }
+
+  restoreSnapshot(spec: VmSpec, name: string): Promise<void> {
+    return this.vmLocks.run(spec.id, async () => {
+      const files = this.checkedFiles(spec);
+      const pid = await this.livePid(spec.id, files, this.attachments.get(spec.id));
+      // Its guest would see its disk change under it; qemu-img would not get the write lock anyway.
+      if (pid !== null) {
+        throw new HypervisorError(
+          `VM ${spec.id} runs (pid ${pid}): a snapshot is restored only while it is stopped`,
+        );
+      }
+      await snapshotFile(this.programs().qemuImg, "restore", name, files.disk);
+    });
+  }
+
+  deleteSnapshot(spec: VmSpec, name: string): Promise<void> {
+    return this.vmLocks.run(spec.id, async () => {
+      const files = this.checkedFiles(spec);
+      await this.withQemu(spec.id, files, (qmp) =>
+        qmp === null
+          ? snapshotFile(this.programs().qemuImg, "delete", name, files.disk)
+          : snapshotDrive(qmp, "delete", name, files.disk),
+      );
+    });
   }
 
   onUnexpectedExit(listener: (vmId: string, reason: string) => void): void {
@@ -787,6 +862,37 @@ export class QemuDriver implements VmDriver {
       return false;
     } finally {
       if (ownConnection) await qmp.close();
+    }
+  }
+
+  /**
+   * Runs `use` with a QMP connection to the VM's live QEMU (the attachment's,
+   * else one of its own for the call), or with null when no QEMU of this VM
+   * lives: then its disk is no process's, and qemu-img may change it.
+   */
+  private async withQemu<T>(
+    vmId: string,
+    files: VmFiles,
+    use: (qmp: QmpClient | null) => Promise<T>,
+  ): Promise<T> {
+    const attachment = this.attachments.get(vmId);
+    const pid = await this.livePid(vmId, files, attachment);
+    if (pid === null) return use(null);
+    const attached = attachment?.qmp;
+    if (attached != null && !attached.closed) return use(attached);
+    const own = await QmpClient.connect(files.qmpSocket, {
+      timeoutMs: 5000,
+      label: `VM ${vmId}`,
+    }).catch((error: unknown) => {
+      throw new HypervisorError(
+        `VM ${vmId} runs (pid ${pid}), but its QMP socket does not answer: ${messageOf(error)}`,
+        { hint: "Try again; if it stays so, stop the VM and try then", cause: error },
+      );
+    });
+    try {
+      return await use(own);
+    } finally {
+      await own.close();
     }
   }
 
