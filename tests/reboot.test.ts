@@ -124,6 +124,23 @@ const simulateReboot = async (agent: Agent, consoles: string[]): Promise<void> =
   await writeFile(file, JSON.stringify(state));
 };
 
+/**
+ * Another program listening on `port`. Null when one already does: a socket
+ * the killed QEMU left behind (or anyone else) holds it, which is the same
+ * fault for the agent.
+ */
+const takePort = async (port: number): Promise<TCPSocketListener | null> => {
+  for (let attempt = 0; attempt < 50; attempt++) {
+    try {
+      return Bun.listen({ hostname: "127.0.0.1", port, socket: { data() {} } });
+    } catch {
+      if (!(await portIsFree("127.0.0.1", port))) return null;
+      await Bun.sleep(100);
+    }
+  }
+  throw new Error(`could not take port ${port}`);
+};
+
 /** Restarts the agent; how long until it served, and until `running` VMs ran again. */
 const timedRestart = async (agent: Agent) => {
   const started = performance.now();
@@ -252,7 +269,7 @@ describe("a host reboot", () => {
     await rm(join(images, "doomed.qcow2"));
     let squatter: TCPSocketListener | null = null;
     try {
-      squatter = Bun.listen({ hostname: "127.0.0.1", port, socket: { data() {} } });
+      squatter = await takePort(port);
       await agent.restart();
       await waitFor(
         "both VMs dealt with",

@@ -195,7 +195,7 @@ describe("AMQP over TLS", () => {
     // A CA file that is not there is named.
     const missing = join(pki, "missing.pem");
     const noFile = await cli(["vm", "list", "--amqp-ca", missing], { url });
-    expect(noFile.code).toBe(1);
+    expect(noFile.code).toBe(2);
     expect(noFile.stderr).toContain(`Cannot read the CA file ${missing}`);
   });
 
