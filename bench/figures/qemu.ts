@@ -149,8 +149,10 @@ const run = async (ctx: Context): Promise<Row[]> => {
       const s = spec(floorRoot, vmIds(1)[0] as string);
       const files = vmFiles(s);
       await mkdir(files.dir, { recursive: true, mode: 0o700 });
-      // The accelerator the driver ended up with (KVM can open and still fail to start).
-      const accel = accelerators.has("tcg") || !kvm ? "tcg" : "kvm";
+      // The accelerator the driver chooses (KVM can open and still kill a guest:
+      // a nested kvm-pvm), or ended up with.
+      const chosen = await driver.accelerator();
+      const accel = accelerators.has("tcg") || !kvm || chosen !== "kvm" ? "tcg" : "kvm";
       const started = performance.now();
       const overlay = await runOnce(overlayCommand(files.disk));
       if (overlay.code !== 0) throw new Error(`qemu-img: ${overlay.stderr}`);
