@@ -6,21 +6,11 @@
 // delete. The guest is isolated: it reaches nothing but its forwarded ports.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
-import { mkdir, writeFile } from "node:fs/promises";
+import { writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { join } from "node:path";
-import {
-  Agent,
-  cli,
-  cliJson,
-  ensureBuilt,
-  removeAll,
-  tempDir,
-  testHome,
-  Vhost,
-} from "./support/fleet.ts";
-import { addGuestImage } from "./support/guest-image.ts";
-import { killProcessesUnder } from "./support/reliability.ts";
+import { type Agent, cli, cliJson, testHome, type Vhost } from "./support/fleet.ts";
+import { type GuestFleet, startGuestFleet, stopGuestFleet } from "./support/guest-image.ts";
 
 /** Booting under TCG on two cores: about 40 s when the machine is quiet; minutes when not. */
 const BOOT_S = 480;
@@ -29,7 +19,6 @@ const PORTS = { first: 22400, last: 22409 };
 
 let vhost: Vhost;
 let agent: Agent;
-const dirs: string[] = [];
 let vmId = "";
 
 const INIT_SCRIPT = `#!/bin/sh
@@ -38,43 +27,20 @@ echo "hello from $(hostname)" > /marker
 echo run >> /var/tmp/init-runs
 `;
 
+let fleet: GuestFleet | undefined;
+
 beforeAll(async () => {
-  await ensureBuilt();
-  const images = await tempDir("guest-images");
-  dirs.push(images);
-  await addGuestImage(images, "demo");
-  vhost = await Vhost.create("guest");
-  // The user's key, where `vm create` looks for it by default and ssh uses it.
-  const ssh = join(testHome(), ".ssh");
-  await mkdir(ssh, { recursive: true, mode: 0o700 });
-  if (!existsSync(join(ssh, "id_ed25519"))) {
-    const keygen = Bun.spawn(
-      ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", join(ssh, "id_ed25519")],
-      { stdout: "ignore", stderr: "inherit" },
-    );
-    expect(await keygen.exited).toBe(0);
-  }
-  agent = await Agent.start({
-    url: vhost.url,
+  fleet = await startGuestFleet({
+    name: "guest",
     hostId: "g1",
-    imagesDir: images,
-    driver: "qemu",
-    extra: [
-      "--stop-timeout",
-      String(STOP_TIMEOUT_S),
-      "--port-range",
-      `${PORTS.first}-${PORTS.last}`,
-      "--publish-address",
-      "127.0.0.1",
-    ],
+    ports: PORTS,
+    stopTimeoutS: STOP_TIMEOUT_S,
   });
+  ({ vhost, agent } = fleet);
 }, 30 * 60_000);
 
 afterAll(async () => {
-  await agent?.kill();
-  if (agent) await killProcessesUnder(agent.stateDir);
-  await vhost?.delete();
-  await removeAll(...dirs, ...(agent ? [agent.stateDir] : []));
+  await stopGuestFleet(fleet);
 });
 
 const info = async () => {

@@ -6,20 +6,9 @@
 // as it was. Deleting the VM deletes its snapshots. One boot and one restart.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
-import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
-import {
-  Agent,
-  cli,
-  cliJson,
-  ensureBuilt,
-  removeAll,
-  tempDir,
-  testHome,
-  Vhost,
-} from "./support/fleet.ts";
-import { addGuestImage } from "./support/guest-image.ts";
-import { killProcessesUnder } from "./support/reliability.ts";
+import { type Agent, cli, cliJson, testHome, type Vhost } from "./support/fleet.ts";
+import { type GuestFleet, startGuestFleet, stopGuestFleet } from "./support/guest-image.ts";
 
 /** Booting under TCG on two cores: about 40 s when the machine is quiet; minutes when not. */
 const BOOT_S = 480;
@@ -28,48 +17,25 @@ const PORTS = { first: 22420, last: 22429 };
 
 let vhost: Vhost;
 let agent: Agent;
-const dirs: string[] = [];
 let vmId = "";
 const started = performance.now();
 /** What the file holds when the snapshot is taken: this run's own, so no older file can pass for it. */
 const ORIGINAL = `original-${process.pid}-${Date.now()}`;
 
+let fleet: GuestFleet | undefined;
+
 beforeAll(async () => {
-  await ensureBuilt();
-  const images = await tempDir("snapshot-guest-images");
-  dirs.push(images);
-  await addGuestImage(images, "demo");
-  vhost = await Vhost.create("snapshot-guest");
-  const ssh = join(testHome(), ".ssh");
-  await mkdir(ssh, { recursive: true, mode: 0o700 });
-  if (!existsSync(join(ssh, "id_ed25519"))) {
-    const keygen = Bun.spawn(
-      ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", join(ssh, "id_ed25519")],
-      { stdout: "ignore", stderr: "inherit" },
-    );
-    expect(await keygen.exited).toBe(0);
-  }
-  agent = await Agent.start({
-    url: vhost.url,
+  fleet = await startGuestFleet({
+    name: "snapshot-guest",
     hostId: "sg1",
-    imagesDir: images,
-    driver: "qemu",
-    extra: [
-      "--stop-timeout",
-      String(STOP_TIMEOUT_S),
-      "--port-range",
-      `${PORTS.first}-${PORTS.last}`,
-      "--publish-address",
-      "127.0.0.1",
-    ],
+    ports: PORTS,
+    stopTimeoutS: STOP_TIMEOUT_S,
   });
+  ({ vhost, agent } = fleet);
 }, 30 * 60_000);
 
 afterAll(async () => {
-  await agent?.kill();
-  if (agent) await killProcessesUnder(agent.stateDir);
-  await vhost?.delete();
-  await removeAll(...dirs, ...(agent ? [agent.stateDir] : []));
+  await stopGuestFleet(fleet);
   console.log(`snapshot-guest: ${((performance.now() - started) / 1000).toFixed(1)} s in all`);
 });
 

@@ -5,6 +5,8 @@ import { constants, existsSync } from "node:fs";
 import { copyFile, link, mkdir, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { ROOT } from "../../scripts/executable.ts";
+import { Agent, ensureBuilt, removeAll, tempDir, testHome, Vhost } from "./fleet.ts";
+import { killProcessesUnder } from "./reliability.ts";
 
 export const GUEST_IMAGE_SCRIPT = join(ROOT, "scripts", "build-guest-image.sh");
 
@@ -68,4 +70,56 @@ export const addGuestImage = async (imagesDir: string, name = "demo"): Promise<s
   }
   await rename(temporary, target);
   return target;
+};
+
+/** The user's SSH key where `vm create` looks for it by default and ssh uses it, made once. */
+export const ensureUserSshKey = async (): Promise<void> => {
+  const ssh = join(testHome(), ".ssh");
+  await mkdir(ssh, { recursive: true, mode: 0o700 });
+  if (existsSync(join(ssh, "id_ed25519"))) return;
+  const keygen = Bun.spawn(
+    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", join(ssh, "id_ed25519")],
+    { stdout: "ignore", stderr: "inherit" },
+  );
+  if ((await keygen.exited) !== 0) throw new Error("ssh-keygen failed");
+};
+
+export type GuestFleet = { vhost: Vhost; agent: Agent; imagesDir: string };
+
+/**
+ * A vhost and one qemu agent whose images directory holds the guest image as
+ * `demo`, for a test that boots real guests; the user has an SSH key.
+ */
+export const startGuestFleet = async (options: {
+  name: string;
+  hostId: string;
+  ports: { first: number; last: number };
+  stopTimeoutS: number;
+}): Promise<GuestFleet> => {
+  await ensureBuilt();
+  const imagesDir = await tempDir(`${options.name}-images`);
+  await addGuestImage(imagesDir, "demo");
+  const vhost = await Vhost.create(options.name);
+  await ensureUserSshKey();
+  const agent = await Agent.start({
+    url: vhost.url,
+    hostId: options.hostId,
+    imagesDir,
+    driver: "qemu",
+    extra: [
+      ...["--stop-timeout", String(options.stopTimeoutS)],
+      ...["--port-range", `${options.ports.first}-${options.ports.last}`],
+      ...["--publish-address", "127.0.0.1"],
+    ],
+  });
+  return { vhost, agent, imagesDir };
+};
+
+/** Kills the agent and every QEMU it started, removes the vhost and the directories. */
+export const stopGuestFleet = async (fleet: GuestFleet | undefined): Promise<void> => {
+  if (fleet === undefined) return;
+  await fleet.agent.kill();
+  await killProcessesUnder(fleet.agent.stateDir);
+  await fleet.vhost.delete();
+  await removeAll(fleet.imagesDir, fleet.agent.stateDir);
 };
