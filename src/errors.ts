@@ -61,7 +61,7 @@ export class BrokerError extends AetherError {
     this.failure = options.failure;
   }
 
-  /** What retrying will not cure: credentials, vhost, TLS, configuration, a permission, a duplicate. */
+  /** What retrying will not cure: credentials, vhost, TLS, configuration, a permission, a duplicate, an old topology. */
   get fatal(): boolean {
     return FATAL_FAILURES.has(this.failure);
   }
@@ -74,6 +74,8 @@ const FATAL_FAILURES: ReadonlySet<BrokerFailure> = new Set([
   "tls",
   "bad-config",
   "resource-locked",
+  // A declaration that disagrees with what exists: an older topology to remove.
+  "precondition-failed",
 ]);
 
 /** A command was refused; its message becomes the `reason` of an error reply. */

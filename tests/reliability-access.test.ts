@@ -235,13 +235,33 @@ describe("least privilege", () => {
     expect(Object.keys(refusals)).toHaveLength(10);
 
     // And nothing changed: both agents still hold their consumers, no route was added.
-    const queues = Object.fromEntries(
-      (await rows("list_queues", "-p", VHOST, "name", "consumers")).map(([name, n]) => [
-        name,
-        Number(n),
-      ]),
-    );
+    const expected = {
+      "computing-claim-host.a1": 0,
+      "computing-claim-host.a2": 0,
+      "computing-competing": 2,
+      "computing-host-a1": 1,
+      "computing-host-a2": 1,
+    };
+    const consumers = async () =>
+      Object.fromEntries(
+        (await rows("list_queues", "-p", VHOST, "name", "consumers")).map(([name, n]) => [
+          name,
+          Number(n),
+        ]),
+      );
+    // A quorum queue's consumer count is its leader's, which can lag a moment behind.
+    let queues = await consumers();
+    const same = (a: Record<string, number>) =>
+      Object.keys(expected).length === Object.keys(a).length &&
+      Object.entries(expected).every(([name, n]) => a[name] === n);
+    for (let i = 0; i < 20 && !same(queues); i++) {
+      await Bun.sleep(250);
+      queues = await consumers();
+    }
     expect(queues).toEqual({
+      // Each agent's host-id lock: an exclusive queue nobody consumes.
+      "computing-claim-host.a1": 0,
+      "computing-claim-host.a2": 0,
       "computing-competing": 2,
       "computing-host-a1": 1,
       "computing-host-a2": 1,

@@ -96,7 +96,9 @@ beforeAll(async () => {
     imagesDir: images,
     driver: "qemu",
     // The blank disk's firmware ignores the power button: a stop takes this long.
-    extra: ["--stop-timeout", "2", "--port-range", "22410-22419"],
+    // The one graceful stop here must still be under way after `vm info` (about
+    // 1 s on a VM without a guest agent) has seen it begin.
+    extra: ["--stop-timeout", "8", "--port-range", "22410-22419"],
   });
   const created = await cliJson(
     ["vm", "create", "--image", "blank", "--memory", "128", "--isolated"],

@@ -9,6 +9,7 @@ import { encodeReply, errorReply, RawJson, successReply } from "../protocol/enve
 import {
   BROADCAST_COMMANDS,
   CREATE_COMMAND,
+  type HostInfo,
   type ParsedRequest,
   parseRequest,
   Reasons,
@@ -63,6 +64,9 @@ export class HostHandler implements MessageHandler {
   private readonly host: Host;
   /** A large list is the same object for as long as it does not change; so are its bytes. */
   private readonly encoded = new WeakMap<RawJson, Buffer>();
+
+  /** Where the agent is connected to the broker, for list-hosts; set once the consumer exists. */
+  brokerLink: () => HostInfo["broker"] = () => undefined;
 
   constructor(host: Host) {
     this.host = host;
@@ -152,8 +156,13 @@ export class HostHandler implements MessageHandler {
       }
       case "list-vms":
         return this.success(host.list());
-      case "list-hosts":
-        return this.success(await host.info());
+      case "list-hosts": {
+        const broker = this.brokerLink();
+        return this.success({
+          ...(await host.info()),
+          ...(broker === undefined ? {} : { broker }),
+        });
+      }
       case "vm-info":
         return this.success(await host.vmInfo(request.options["vm-id"]));
       case "vm-console":

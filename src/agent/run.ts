@@ -110,12 +110,15 @@ export const runAgent = async (config: AgentConfig): Promise<void> => {
     `host ${hostId}: driver ${driver.name}, state ${config.stateDir}, images ${config.imagesDir}, ${host.vmIds().length} VM(s); ports ${portRange.first}-${portRange.last} on ${publishAddress}, advertised as ${advertiseAddress}`,
   );
   await reportImages(host, config);
+  const handler = new HostHandler(host);
   const consumer = new AgentConsumer({
     url: config.url,
     topology: agentTopology(hostId),
     caFile: config.caFile,
-    handler: new HostHandler(host),
+    handler,
   });
+  // `hosts` shows which broker node each agent is on.
+  handler.brokerLink = () => consumer.connectedTo();
   let stopNotices: () => void = () => undefined;
   try {
     await Promise.race([consumer.start(), signal]);

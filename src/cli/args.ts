@@ -4,14 +4,14 @@
 import { statSync } from "node:fs";
 import type { ArgsDef } from "citty";
 import { UsageError } from "../errors.ts";
-import { redactUrl } from "../routing/connection.ts";
+import { brokerUrls, redactUrl } from "../routing/connection.ts";
 import { fileErrorText } from "./text-files.ts";
 
 export const connectionArgs = {
   "amqp-url": {
     type: "string",
     description:
-      "RabbitMQ URL (env AETHERSCALE_AMQP_URL, else amqp://$RABBITMQ_HOST, else amqp://localhost)",
+      "RabbitMQ URL, or a comma-separated list of the nodes of one cluster (env AETHERSCALE_AMQP_URL, else amqp://$RABBITMQ_HOST, else amqp://localhost)",
     valueHint: "url",
   },
   "amqp-ca": {
@@ -270,8 +270,17 @@ export type WaitFlags = { wait?: boolean; "wait-timeout"?: string };
 
 const AMQP_SCHEMES: ReadonlySet<string> = new Set(["amqp:", "amqps:"]);
 
-/** The broker's URL, which must be one: an http:// URL (the management UI's) is a usage error. */
-const amqpUrl = (url: string, from: string): string => {
+/**
+ * The broker's URL, or a comma-separated list of them (the nodes of one
+ * cluster), each of which must be one: an http:// URL (the management UI's)
+ * is a usage error.
+ */
+const amqpUrl = (list: string, from: string): string =>
+  brokerUrls(list)
+    .map((url) => oneAmqpUrl(url, from))
+    .join(",");
+
+const oneAmqpUrl = (url: string, from: string): string => {
   let scheme: string | null = null;
   try {
     scheme = new URL(url).protocol;

@@ -191,8 +191,21 @@ export const hostsTable = (successes: From<HostInfo>): string => {
   hosts.sort((a, b) => a.host.localeCompare(b.host));
   const limit = (used: number, max: number | null, unit: (n: number) => string) =>
     `${unit(used)}/${max === null ? "∞" : unit(max)}`;
+  // Older agents do not say which broker node they are on: no column for nobody.
+  const brokers = hosts.some((host) => host.broker !== undefined);
   return table(
-    ["HOST", "VMS", "MEMORY", "DRIVER", "ACCEL", "ADDRESS", "IMAGES", "VERSION", "UP"],
+    [
+      "HOST",
+      "VMS",
+      "MEMORY",
+      "DRIVER",
+      "ACCEL",
+      "ADDRESS",
+      "IMAGES",
+      "VERSION",
+      "UP",
+      ...(brokers ? ["BROKER"] : []),
+    ],
     hosts.map((host) => [
       host.host,
       limit(host.capacity["used-vms"], host.capacity["max-vms"], String),
@@ -203,8 +216,15 @@ export const hostsTable = (successes: From<HostInfo>): string => {
       host.images.join(",") || "-",
       host.version,
       durationText(host["uptime-s"]),
+      ...(brokers ? [brokerText(host.broker)] : []),
     ]),
   );
+};
+
+/** The broker node a host's agent is connected to, and at which address. */
+const brokerText = (broker: HostInfo["broker"]): string => {
+  if (broker === undefined) return "-";
+  return broker.node === undefined ? broker.address : `${broker.node} (${broker.address})`;
 };
 
 /** Each image on each host, by image then host; an older host names its images without details. */

@@ -290,6 +290,18 @@ export const HostInfo = v.object({
   address: v.optional(v.string()),
   /** What the disks of this host's VMs take on it, their snapshots included (absent without disk files: fake driver). */
   "disk-bytes": v.optional(v.number()),
+  /**
+   * The RabbitMQ broker this host's agent is connected to (older agents do not
+   * say): the address of its URL (host:port), the node's name once known,
+   * and the cluster's name as the broker gives it.
+   */
+  broker: v.optional(
+    v.object({
+      address: v.string(),
+      node: v.optional(v.string()),
+      cluster: v.optional(v.string()),
+    }),
+  ),
 });
 export type HostInfo = v.InferOutput<typeof HostInfo>;
 

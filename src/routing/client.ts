@@ -6,7 +6,7 @@ import { asError } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { brokerError, parseBrokerError } from "./broker-errors.ts";
-import { brokerUser, connect, redactUrl } from "./connection.ts";
+import { brokerUrls, brokerUser, connectAny, redactUrl } from "./connection.ts";
 import { DEADLINE_HEADER } from "./placement.ts";
 import { COMPETING_QUEUE, EXCHANGE, hostQueue } from "./topology.ts";
 
@@ -14,6 +14,7 @@ const log = logger.withTag("client");
 const DIRECT_REPLY_TO = "amq.rabbitmq.reply-to";
 
 export type ClientOptions = {
+  /** One broker URL, or a comma-separated list of the nodes of one cluster (tried in order). */
   url: string;
   /** How long to wait for answers; also the messages' expiration. */
   timeoutMs: number;
@@ -55,18 +56,27 @@ export class Client {
   private readonly model: ChannelModel;
   private readonly channel: Channel;
   private readonly options: ClientOptions;
+  /** The URL of the list that accepted us: its user is the one the broker checks `user_id` against. */
+  private readonly connectedUrl: string;
   private readonly pending = new Map<string, Pending>();
   private closed = false;
   private checks: Channel | null = null;
 
-  private constructor(model: ChannelModel, channel: Channel, options: ClientOptions) {
+  private constructor(
+    model: ChannelModel,
+    channel: Channel,
+    options: ClientOptions,
+    connectedUrl: string,
+  ) {
     this.model = model;
     this.channel = channel;
     this.options = options;
+    this.connectedUrl = connectedUrl;
   }
 
   static async connect(options: ClientOptions): Promise<Client> {
-    const model = await connect(options.url, {
+    // A node that does not answer is passed over for the next one of the list.
+    const { model, url } = await connectAny(brokerUrls(options.url), {
       timeoutMs: options.timeoutMs,
       name: "aetherscale client",
       caFile: options.caFile,
@@ -74,7 +84,7 @@ export class Client {
     try {
       model.on("error", (error: Error) => log.debug(`connection error: ${error.message}`));
       const channel = await model.createChannel();
-      const client = new Client(model, channel, options);
+      const client = new Client(model, channel, options, url);
       // The broker closes the channel on an error (a publish to an exchange that
       // does not exist yet); the requests on it must not wait for their timeout.
       let channelError: Error | null = null;
@@ -93,9 +103,9 @@ export class Client {
       // that went away right after accepting us (one shutting down does).
       const parsed = parseBrokerError(error);
       throw parsed.failure === "access-refused" || parsed.failure === "vhost-refused"
-        ? brokerError(error, redactUrl(options.url))
+        ? brokerError(error, redactUrl(url))
         : new BrokerError(
-            `Lost the connection to the RabbitMQ broker at ${redactUrl(options.url)} while opening a channel: ${parsed.text}`,
+            `Lost the connection to the RabbitMQ broker at ${redactUrl(url)} while opening a channel: ${parsed.text}`,
             { failure: "connection-lost", cause: error },
           );
     }
@@ -195,7 +205,10 @@ export class Client {
         correlationId: id,
         messageId: options.messageId ?? id,
         // Checked by the broker against the user we logged in as.
-        userId: brokerUser(this.options.url),
+        userId: brokerUser(this.connectedUrl),
+        // Kept on disk (quorum queues keep every message anyway): a command
+        // must not be lost with a broker node that restarts.
+        persistent: true,
         // The queue honours the expiration; the agent honours the deadline,
         // also for a message it has taken but not yet begun.
         expiration: String(this.options.timeoutMs),
@@ -230,7 +243,7 @@ export class Client {
 
   private lost(): BrokerError {
     return new BrokerError(
-      `Lost the connection to the RabbitMQ broker at ${redactUrl(this.options.url)} before every answer arrived`,
+      `Lost the connection to the RabbitMQ broker at ${redactUrl(this.connectedUrl)} before every answer arrived`,
       {
         failure: "connection-lost",
       },
@@ -246,7 +259,7 @@ export class Client {
       failure === "not-found"
         ? this.noAgents()
         : failure === "access-refused"
-          ? brokerError(cause, redactUrl(this.options.url))
+          ? brokerError(cause, redactUrl(this.connectedUrl))
           : this.lost();
     for (const pending of [...this.pending.values()]) pending.fail(error);
   }

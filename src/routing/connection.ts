@@ -8,8 +8,26 @@ import { brokerError } from "./broker-errors.ts";
 
 const DEFAULT_HEARTBEAT_S = 10;
 
-/** The URL with its password hidden, for messages and logs. */
+/**
+ * The broker URLs of a list as the user gave it (`--amqp-url a,b,c`): the
+ * nodes of one RabbitMQ cluster, each used as given. A comma inside a URL
+ * (in a password, say) must be written %2C.
+ */
+export const brokerUrls = (list: string): string[] => {
+  const urls = list
+    .split(",")
+    .map((url) => url.trim())
+    .filter((url) => url !== "");
+  return urls.length > 0 ? urls : [list];
+};
+
+/** The URL (or each URL of a list) with its password hidden, for messages and logs. */
 export const redactUrl = (url: string): string => {
+  if (url.includes(",")) return brokerUrls(url).map(redactOne).join(",");
+  return redactOne(url);
+};
+
+const redactOne = (url: string): string => {
   try {
     const parsed = new URL(url);
     if (parsed.password) parsed.password = "***";
@@ -88,6 +106,45 @@ export const connect = async (url: string, options: ConnectOptions): Promise<Cha
   } catch (error) {
     throw brokerError(error, where);
   }
+};
+
+export type Connected = {
+  model: ChannelModel;
+  /** The URL of the list that answered. */
+  url: string;
+  /** Its position in the list. */
+  index: number;
+};
+
+/**
+ * Connects to the first URL of `urls`, from `start` on (wrapping round), that
+ * accepts us. A node that cannot be reached or closed on us is passed over; a
+ * refusal (login, vhost, TLS, configuration) is the same on every node of a
+ * cluster and ends the attempt at once. When none answers, the error says
+ * what each one did.
+ */
+export const connectAny = async (
+  urls: readonly string[],
+  options: ConnectOptions,
+  start = 0,
+): Promise<Connected> => {
+  const failures: BrokerError[] = [];
+  for (let step = 0; step < urls.length; step++) {
+    const index = (start + step) % urls.length;
+    const url = urls[index] as string;
+    try {
+      return { model: await connect(url, options), url, index };
+    } catch (error) {
+      const failure = brokerError(error, redactUrl(url));
+      if (failure.fatal || urls.length === 1) throw failure;
+      failures.push(failure);
+    }
+  }
+  const last = failures.at(-1) as BrokerError;
+  throw new BrokerError(
+    `Cannot connect to any of the ${urls.length} RabbitMQ brokers: ${failures.map((f) => f.message).join("; ")}`,
+    { failure: last.failure, hint: last.hint, cause: last },
+  );
 };
 
 /** The user a URL logs in as: amqplib's default when it names none. */

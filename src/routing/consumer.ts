@@ -8,7 +8,7 @@ import { KeyedLock, messageOf, settlesWithin, sleep } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { brokerError, parseBrokerError } from "./broker-errors.ts";
-import { brokerUser, connect, publishConfirmed, redactUrl } from "./connection.ts";
+import { brokerUrls, brokerUser, connect, publishConfirmed, redactUrl } from "./connection.ts";
 import {
   deadlineOf,
   handOn,
@@ -102,6 +102,7 @@ export type MessageHandler = {
 };
 
 export type AgentConsumerOptions = {
+  /** One broker URL, or a comma-separated list of the nodes of one cluster. */
   url: string;
   topology: AgentTopology;
   handler: MessageHandler;
@@ -128,12 +129,18 @@ class SentHome extends Error {
 
 /** Longest wait for another host to finish claiming a message's route. */
 const CLAIM_WAIT_MS = 10_000;
+/** The claim-lock route whose queue says "this host id is taken" (no VM route looks like it). */
+const hostLockRoute = (hostId: string): string => `host.${hostId}`;
 /** How long stop() waits for the broker to confirm a cancel or a close. */
 const STOP_STEP_MS = 3_000;
 
 /** One connection and its channels, from connect to close. */
 type Session = {
   model: ChannelModel;
+  /** The URL of the list it is connected to. */
+  url: string;
+  /** The broker user it logged in as: its forwards carry it as their `user_id`. */
+  user: string;
   consume: Channel;
   publish: ConfirmChannel;
   ops: Channel;
@@ -179,7 +186,10 @@ const agentError = (caught: unknown, where: string): BrokerError => {
 export class AgentConsumer {
   private readonly options: AgentConsumerOptions;
   private readonly hostId: string;
-  private readonly where: string;
+  /** The broker URLs, tried in the order given, from the one that last failed us on. */
+  private readonly urls: string[];
+  /** The URL dialled next (and by the reply lanes, so they are on the same node). */
+  private current = 0;
   private session: Session | null = null;
   private readonly inFlight = new Set<Promise<void>>();
   private stopping = false;
@@ -187,20 +197,53 @@ export class AgentConsumer {
   private readonly replies: ReplyLine;
   /** One message id at a time: copies of a message wait for the first to be done. */
   private readonly sameMessage = new KeyedLock();
-  /** The broker user this agent connects as: forwards carry it as their `user_id`. */
-  private readonly agentUser: string;
+  /** The broker users this agent connects as: a forward carrying one of them is ours. */
+  private readonly agentUsers: ReadonlySet<string>;
   /** Messages whose reply is out, so a failure after it never sends a second one. */
   private readonly replied = new WeakSet<ConsumeMessage>();
 
   constructor(options: AgentConsumerOptions) {
     this.options = options;
     this.hostId = options.topology.hostId;
-    this.where = redactUrl(options.url);
-    this.agentUser = brokerUser(options.url);
+    this.urls = brokerUrls(options.url);
+    this.agentUsers = new Set(this.urls.map(brokerUser));
     this.replies = new ReplyLine(
       (lane) => this.dial(`aetherscale agent ${this.hostId} ${lane}`),
       hostQueue(this.hostId),
     );
+  }
+
+  /** The broker URL dialled now, password hidden. */
+  private get where(): string {
+    return redactUrl(this.urls[this.current] as string);
+  }
+
+  /** From now on, the next broker of the list (the same one when there is one). */
+  private moveOn(): void {
+    this.current = (this.current + 1) % this.urls.length;
+  }
+
+  /**
+   * Where this agent is connected: the broker's address as given, and what
+   * the broker says of itself (its cluster's name, and the node's name once
+   * the reply line has learned it). Undefined while it is not connected.
+   */
+  connectedTo(): { address: string; node?: string; cluster?: string } | undefined {
+    const session = this.session;
+    if (session === null || !session.alive) return undefined;
+    let address = redactUrl(session.url);
+    try {
+      address = new URL(session.url).host || address;
+    } catch {
+      // not a URL we could have connected with; keep it as given
+    }
+    const cluster = session.model.connection.serverProperties?.cluster_name;
+    const node = this.replies.node;
+    return {
+      address,
+      ...(node === undefined ? {} : { node }),
+      ...(typeof cluster === "string" ? { cluster } : {}),
+    };
   }
 
   /** Connects and starts consuming; an unreachable broker is retried, a refusal is fatal. */
@@ -237,16 +280,27 @@ export class AgentConsumer {
     this.session = null;
   }
 
+  /**
+   * THE retry loop of the agent: each attempt dials the next broker of the
+   * list; the back-off pause comes after every broker of the list has failed
+   * once in a row, so a cluster with a node down is served again at once.
+   */
   private async connectWithRetry(first: boolean): Promise<void> {
     let delay = 500;
     for (let attempt = 1; !this.stopping; attempt++) {
+      const where = this.where;
       try {
         await this.open();
-        if (!first) log.success(`reconnected to ${this.where}`);
+        if (!first) log.success(`reconnected to ${where}`);
         return;
       } catch (caught) {
-        const error = agentError(caught, this.where);
+        const error = agentError(caught, where);
         if (first && error.fatal) throw error;
+        this.moveOn();
+        if (attempt % this.urls.length !== 0) {
+          log.warn(`${error.message}; trying ${this.where} (attempt ${attempt})`);
+          continue;
+        }
         const wait = Math.round(delay * (0.8 + Math.random() * 0.4));
         log.warn(
           `${error.message}; retrying in ${(wait / 1000).toFixed(1)} s (attempt ${attempt})`,
@@ -258,8 +312,8 @@ export class AgentConsumer {
   }
 
   private dial(name: string) {
-    const { url, connectTimeoutMs, caFile, heartbeatS } = this.options;
-    return connect(url, {
+    const { connectTimeoutMs, caFile, heartbeatS } = this.options;
+    return connect(this.urls[this.current] as string, {
       timeoutMs: connectTimeoutMs ?? 10_000,
       name,
       caFile,
@@ -268,6 +322,7 @@ export class AgentConsumer {
   }
 
   private async open(): Promise<void> {
+    const url = this.urls[this.current] as string;
     const model = await this.dial(`aetherscale agent ${this.hostId}`);
     let session: Session | null = null;
     // A failure while setting up must not leave a half-open connection behind.
@@ -278,26 +333,39 @@ export class AgentConsumer {
         model.createConfirmChannel(),
         model.createChannel(),
       ]);
-      session = { model, consume, publish, ops, consumerTags: [], alive: true, claims: null };
+      session = {
+        model,
+        url,
+        user: brokerUser(url),
+        consume,
+        publish,
+        ops,
+        consumerTags: [],
+        alive: true,
+        claims: null,
+      };
       const current = session;
       for (const channel of [consume, publish, ops]) {
         channel.on("error", (error: Error) => log.warn(`broker channel error: ${error.message}`));
       }
       model.on("close", () => this.onClosed(current));
-      await declareAgentTopology(ops, this.options.topology);
-      // The host's identity first: its queue, consumed exclusively. A second
-      // agent with the same host id fails here, before it has bound a route
-      // or taken a single message from the shared queue.
-      await consume.prefetch(this.options.hostPrefetch ?? 32);
-      const own = await consume
-        .consume(hostQueue(this.hostId), (msg) => this.dispatch(current, msg), {
+      await declareAgentTopology(ops, this.options.topology, url);
+      // The host's identity before anything is consumed: an exclusive queue
+      // that only one connection can hold and the broker drops with it (a
+      // quorum queue, unlike a classic one, lets a second exclusive consumer
+      // in). A second agent with the same host id fails here, before it has
+      // bound a VM route or taken a single message from either queue.
+      await ops
+        .assertQueue(claimQueue(hostLockRoute(this.hostId)), {
           exclusive: true,
+          durable: false,
+          autoDelete: false,
         })
         .catch((error: unknown) => {
-          // Not any refusal: a user without read permission gets ACCESS_REFUSED.
+          // Not any refusal: a user without configure permission gets ACCESS_REFUSED.
           throw parseBrokerError(error).failure === "resource-locked"
             ? new BrokerError(
-                `Another agent with host id "${this.hostId}" is already connected to the broker at ${this.where}`,
+                `Another agent with host id "${this.hostId}" is already connected to the broker at ${redactUrl(url)}`,
                 {
                   failure: "resource-locked",
                   hint: "Give every host its own --host-id.",
@@ -306,6 +374,12 @@ export class AgentConsumer {
               )
             : error;
         });
+      await consume.prefetch(this.options.hostPrefetch ?? 32);
+      const own = await consume.consume(
+        hostQueue(this.hostId),
+        (msg) => this.dispatch(current, msg),
+        { exclusive: true },
+      );
       await this.rebind(ops);
       await consume.prefetch(this.options.competingPrefetch ?? 8);
       const competing = await consume.consume(COMPETING_QUEUE, (msg) =>
@@ -347,6 +421,8 @@ export class AgentConsumer {
     session.alive = false;
     if (this.session === session) this.session = null;
     if (this.stopping) return;
+    // The node we were on may be gone for a while: the next one is tried first.
+    if (this.urls[this.current] === session.url) this.moveOn();
     log.warn("lost the connection to the broker; reconnecting");
     this.reconnecting ??= this.connectWithRetry(false).finally(() => {
       this.reconnecting = null;
@@ -456,7 +532,9 @@ export class AgentConsumer {
   private senderOf(msg: ConsumeMessage): string | undefined {
     const userId = (msg.properties.userId as string | undefined) || undefined;
     const origin = msg.properties.headers?.[ORIGIN_USER_HEADER];
-    if (userId === this.agentUser && typeof origin === "string") return origin || undefined;
+    if (userId !== undefined && this.agentUsers.has(userId) && typeof origin === "string") {
+      return origin || undefined;
+    }
     return userId;
   }
 
@@ -465,10 +543,16 @@ export class AgentConsumer {
    * but the agent's `user_id` (the broker refuses any other) and, in a
    * header, the sender it stands for.
    */
-  private forwarded(msg: ConsumeMessage, headers?: Record<string, unknown>): Options.Publish {
+  private forwarded(
+    session: Session,
+    msg: ConsumeMessage,
+    headers?: Record<string, unknown>,
+  ): Options.Publish {
     return {
       ...carriedProperties(msg),
-      userId: this.agentUser,
+      // A command handed on must survive a broker restart as its sender's did.
+      persistent: true,
+      userId: session.user,
       headers: {
         ...(headers ?? msg.properties.headers),
         [ORIGIN_USER_HEADER]: this.senderOf(msg) ?? "",
@@ -577,7 +661,7 @@ export class AgentConsumer {
     try {
       // The broker sends basic.return before the confirm, so `returned` is settled by then.
       await publishConfirmed(session.publish, EXCHANGE, route, msg.content, {
-        ...this.forwarded(msg),
+        ...this.forwarded(session, msg),
         mandatory: true,
       });
     } finally {
@@ -630,7 +714,7 @@ export class AgentConsumer {
           ? msg.fields.routingKey
           : competing;
         if (key === undefined) return this.answer(session, msg, handler.errorBody(decline.message));
-        const options = this.forwarded(msg, decision.headers);
+        const options = this.forwarded(session, msg, decision.headers);
         if (decision.expiration !== undefined) options.expiration = decision.expiration;
         await publishConfirmed(session.publish, EXCHANGE, key, msg.content, options);
         this.ack(session, msg);

@@ -134,6 +134,8 @@ export class ReplyLine {
   private readonly probeQueue: string | undefined;
   private readonly probeId = crypto.randomUUID();
   private probeChannel: Channel | null = null;
+  /** The node the shared lane was last connected to, as its probe told. */
+  private ownNode: string | undefined;
 
   /**
    * `probeQueue` is a queue this process consumes: the line sends itself a
@@ -174,10 +176,18 @@ export class ReplyLine {
     const { type, correlationId, replyTo } = msg.properties;
     if (type !== PROBE_TYPE || correlationId !== this.probeId) return false;
     const address = replyAddress(String(replyTo ?? ""));
-    if (address.kind === "direct") this.trust(address.node);
+    if (address.kind === "direct") {
+      this.ownNode = address.node;
+      this.trust(address.node);
+    }
     void this.probeChannel?.close().catch(() => undefined);
     this.probeChannel = null;
     return true;
+  }
+
+  /** The broker node's name (e.g. `rabbit@host`) this line last learned it is on. */
+  get node(): string | undefined {
+    return this.ownNode;
   }
 
   /** Opens the shared lane and learns this node's name, before the first reply needs it. */

@@ -1,9 +1,15 @@
-// Names and declarations of DESIGN §3. The exchange and the competing queue are
-// declared exactly as the tutorial's agents declare them (transient, no
-// arguments), so old and new agents can share a broker without a
-// PRECONDITION_FAILED; every agent re-declares them after a reconnect. Which
-// routing keys go where is the caller's: routing knows routes, not commands.
+// Names and declarations of DESIGN §3. The exchange is durable and the
+// competing and host queues are quorum queues, so that on a RabbitMQ cluster
+// they survive a restart or the loss of a minority of nodes with their
+// bindings: a VM's route is there before its agent is back, and nobody is
+// told "VM does not exist" meanwhile. Tutorial *clients* still work (they only
+// publish to the exchange); tutorial *agents*, which declare the same names
+// transient, can no longer share a vhost with ours. Every agent re-declares
+// the topology after a reconnect. Which routing keys go where is the
+// caller's: routing knows routes, not commands.
 import type { Channel } from "amqplib";
+import { BrokerError } from "../errors.ts";
+import { parseBrokerError } from "./broker-errors.ts";
 
 export const EXCHANGE = "computing";
 export const COMPETING_QUEUE = "computing-competing";
@@ -30,33 +36,93 @@ export type AgentTopology = {
   hostKeys: readonly string[];
 };
 
-const declareExchange = async (channel: Channel): Promise<void> => {
-  await channel.assertExchange(EXCHANGE, "direct", { durable: false, autoDelete: false });
+/** Replicated over the cluster's nodes, durable, kept with its bindings across restarts. */
+const QUORUM = { "x-queue-type": "quorum" } as const;
+
+/** The vhost a broker URL opens, as rabbitmqctl names it. */
+const vhostOf = (url: string): string => {
+  try {
+    const path = new URL(url).pathname;
+    return path.length > 1 ? decodeURIComponent(path.slice(1)) : "/";
+  } catch {
+    return "/";
+  }
 };
 
+/**
+ * A 406 on declaring our names: they exist as an older aetherscale (or the
+ * tutorial's agents) declared them, transient. Not migrated here: agents of
+ * the old kind may still be bound to them, and deleting their exchange would
+ * cut them off without a word, while two new agents migrating at once could
+ * delete each other's new exchange. The operator removes them once, knowing
+ * the old agents are stopped.
+ */
+const oldDeclaration = (error: unknown, what: string, url: string, hostId: string): unknown => {
+  if (parseBrokerError(error).failure !== "precondition-failed") return error;
+  const vhost = vhostOf(url);
+  const p = vhost === "/" ? "" : ` -p '${vhost}'`;
+  const vhostAtom = vhost.replaceAll("\\", "\\\\").replaceAll('"', '\\"');
+  return new BrokerError(
+    `The broker already has ${what} in vhost "${vhost}", declared the old way (transient, as aetherscale before quorum queues and the tutorial's agents declare it); this agent needs it durable, with quorum queues: ${parseBrokerError(error).text}`,
+    {
+      failure: "precondition-failed",
+      hint: [
+        `Stop every older aetherscale agent and every tutorial agent on this vhost, then remove the old transient objects (restarting RabbitMQ also removes them):`,
+        `  rabbitmqctl${p} delete_queue ${COMPETING_QUEUE}`,
+        `  rabbitmqctl${p} delete_queue ${hostQueue(hostId)}    (and the old computing-host-* queue of each other host)`,
+        `  rabbitmqctl eval 'rabbit_exchange:delete(rabbit_misc:r(<<"${vhostAtom}">>, exchange, <<"${EXCHANGE}">>), false, <<"aetherscale">>).'`,
+        `Then start the agents again: they declare the new topology.`,
+      ].join("\n"),
+      cause: error,
+    },
+  );
+};
+
+/**
+ * Declares what this host needs; `url` (the broker it is connected to) only
+ * names the vhost in the error for a topology of the old, transient kind.
+ * After a 406 the channel is closed: the caller starts over on a new one.
+ */
 export const declareAgentTopology = async (
   channel: Channel,
   topology: AgentTopology,
+  url: string,
 ): Promise<void> => {
-  await declareExchange(channel);
-  await channel.assertQueue(COMPETING_QUEUE, {
-    durable: false,
-    exclusive: false,
-    autoDelete: false,
-  });
+  const queue = hostQueue(topology.hostId);
+  const step = async (what: string, declare: () => Promise<unknown>) => {
+    try {
+      await declare();
+    } catch (error) {
+      throw oldDeclaration(error, what, url, topology.hostId);
+    }
+  };
+  await step(`the exchange "${EXCHANGE}"`, () =>
+    channel.assertExchange(EXCHANGE, "direct", { durable: true, autoDelete: false }),
+  );
+  await step(`the queue "${COMPETING_QUEUE}"`, () =>
+    channel.assertQueue(COMPETING_QUEUE, {
+      durable: true,
+      exclusive: false,
+      autoDelete: false,
+      arguments: QUORUM,
+    }),
+  );
   for (const key of topology.competingKeys) {
     await channel.bindQueue(COMPETING_QUEUE, EXCHANGE, key);
   }
-  const queue = hostQueue(topology.hostId);
-  await channel.assertQueue(queue, {
-    durable: false,
-    exclusive: false,
-    autoDelete: false,
-    arguments: {
-      "x-message-ttl": HOST_QUEUE_MESSAGE_TTL_MS,
-      "x-expires": HOST_QUEUE_EXPIRES_MS,
-    },
-  });
+  await step(`the queue "${queue}"`, () =>
+    channel.assertQueue(queue, {
+      durable: true,
+      exclusive: false,
+      autoDelete: false,
+      arguments: {
+        ...QUORUM,
+        // Quorum queues honour both since RabbitMQ 3.10.
+        "x-message-ttl": HOST_QUEUE_MESSAGE_TTL_MS,
+        "x-expires": HOST_QUEUE_EXPIRES_MS,
+      },
+    }),
+  );
   for (const key of topology.hostKeys) await channel.bindQueue(queue, EXCHANGE, key);
 };
 

@@ -13,7 +13,7 @@ import { readBoundedText } from "../cli/text-files.ts";
 import { AetherError, UsageError } from "../errors.ts";
 import { runTool, tailOf } from "../hypervisor/qemu-tools.ts";
 import { logger } from "../log.ts";
-import { redactUrl } from "../routing/connection.ts";
+import { brokerUrls, redactUrl } from "../routing/connection.ts";
 import {
   agentUnit,
   DEFAULT_CONFIG_DIR,
@@ -88,10 +88,18 @@ const passedOn = (flags: Record<string, unknown>, rawArgs: string[]): string[] =
  * from --amqp-url or the environment is checked where every command checks it.)
  */
 const urlInFile = (text: string, file: string): string => {
-  const url = text.trim();
-  if (/\s/.test(url)) {
-    throw new UsageError(`The broker URL file ${file} must hold one URL on one line`);
+  const list = text.trim();
+  if (/\s/.test(list)) {
+    throw new UsageError(
+      `The broker URL file ${file} must hold one URL on one line (a cluster's URLs comma-separated, no spaces)`,
+    );
   }
+  return brokerUrls(list)
+    .map((url) => oneUrlInFile(url, file))
+    .join(",");
+};
+
+const oneUrlInFile = (url: string, file: string): string => {
   let scheme: string | null = null;
   try {
     scheme = new URL(url).protocol;

@@ -2,6 +2,7 @@
 import { describe, expect, test } from "bun:test";
 import { BrokerError, type BrokerFailure } from "../../src/errors.ts";
 import { brokerError, parseBrokerError } from "../../src/routing/broker-errors.ts";
+import { connectAny } from "../../src/routing/connection.ts";
 
 /** An error shaped as amqplib makes them: a message with the broker's words, a reply code. */
 const amqp = (message: string, code?: number | string) =>
@@ -118,5 +119,32 @@ describe("brokerError", () => {
     ]) {
       expect(brokerError(amqp(message), "amqp://h").fatal).toBe(true);
     }
+  });
+});
+
+describe("connectAny: a list of broker URLs", () => {
+  // Nothing listens on ports 1 and 2 of the loopback: each is refused at once.
+  const options = { timeoutMs: 2000, name: "unit test" };
+
+  test("every broker refused: one error that says what each did", async () => {
+    const error = await connectAny(
+      ["amqp://u:secret@127.0.0.1:1/", "amqp://u:secret@127.0.0.1:2/"],
+      options,
+      1,
+    ).catch((caught: unknown) => caught);
+    expect(error).toBeInstanceOf(BrokerError);
+    expect((error as BrokerError).failure).toBe("unreachable");
+    const message = (error as BrokerError).message;
+    expect(message).toStartWith("Cannot connect to any of the 2 RabbitMQ brokers: ");
+    // Tried from the start given, wrapping round.
+    expect(message.indexOf("127.0.0.1:2")).toBeLessThan(message.indexOf("127.0.0.1:1"));
+    expect(message).not.toContain("secret");
+  });
+
+  test("one URL: its own error, as before lists", async () => {
+    const error = await connectAny(["amqp://127.0.0.1:1/"], options).catch((c: unknown) => c);
+    expect((error as BrokerError).message).toStartWith(
+      "Cannot reach the RabbitMQ broker at amqp://127.0.0.1:1/: connection refused",
+    );
   });
 });

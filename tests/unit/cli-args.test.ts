@@ -26,6 +26,7 @@ import { checkFlags, closest } from "../../src/cli/run.ts";
 import { fileErrorText } from "../../src/cli/text-files.ts";
 import { UsageError } from "../../src/errors.ts";
 import { MAX_INIT_SCRIPT_BYTES } from "../../src/protocol/messages.ts";
+import { brokerUrls, redactUrl } from "../../src/routing/connection.ts";
 
 /** The message of the UsageError `work` throws. */
 const usageError = async (work: () => unknown): Promise<string> => {
@@ -96,6 +97,20 @@ describe("numbers from flags", () => {
     expect(resolveAmqpUrl("amqps://u:p@h:5671/v?heartbeat=5", {})).toBe(
       "amqps://u:p@h:5671/v?heartbeat=5",
     );
+  });
+
+  test("a comma-separated list of broker URLs: each checked, each used as given", async () => {
+    expect(resolveAmqpUrl("amqp://u:p@a:5672/v, amqps://u:p@b:5671/v,", {})).toBe(
+      "amqp://u:p@a:5672/v,amqps://u:p@b:5671/v",
+    );
+    expect(resolveAmqpUrl(undefined, { AETHERSCALE_AMQP_URL: "amqp://a,amqp://b" })).toBe(
+      "amqp://a,amqp://b",
+    );
+    expect(await usageError(() => resolveAmqpUrl("amqp://a,http://u:pw@b:15672/", {}))).toBe(
+      '--amqp-url must be an amqp:// or amqps:// URL, not "http://u:***@b:15672/"',
+    );
+    expect(brokerUrls("amqp://a")).toEqual(["amqp://a"]);
+    expect(redactUrl("amqp://u:p1@a/v,amqp://u:p2@b/v")).toBe("amqp://u:***@a/v,amqp://u:***@b/v");
   });
 
   test("a broker URL that is no amqp:// or amqps:// URL is a usage error naming where it came from", async () => {

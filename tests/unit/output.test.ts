@@ -326,6 +326,19 @@ describe("hosts", () => {
     expect(lines[2]).toMatch(/^h2\s+.*\s+qemu\s+tcg\s+192\.0\.2\.7\s+/);
   });
 
+  test("the broker node each agent is on: a column once any host says it", () => {
+    const broker = { address: "127.0.0.1:5673", node: "rabbit-2@vm", cluster: "rabbit@vm" };
+    const h2 = { ...hostInfo("h2"), broker };
+    const hosts = outcomeOf("list-hosts", [hostOk("h2", h2), hostOk("h1", hostInfo("h1"))]);
+    const lines = report(hosts, { ...human, view: hostsTable })
+      .stdout.trim()
+      .split("\n");
+    expect(lines[0]).toMatch(/\sUP\s+BROKER$/);
+    // An older agent does not say.
+    expect(lines[1]).toMatch(/\s-$/);
+    expect(lines[2]).toMatch(/\srabbit-2@vm \(127\.0\.0\.1:5673\)$/);
+  });
+
   test("uptime reads as a duration", () => {
     expect(durationText(0)).toBe("0s");
     expect(durationText(59.9)).toBe("59s");
