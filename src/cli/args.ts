@@ -280,14 +280,18 @@ const amqpUrl = (list: string, from: string): string =>
     .map((url) => oneAmqpUrl(url, from))
     .join(",");
 
-const oneAmqpUrl = (url: string, from: string): string => {
-  let scheme: string | null = null;
+/** Whether `url` is one broker URL we can connect to: amqp:// or amqps://. */
+export const isAmqpUrl = (url: string): boolean => {
   try {
-    scheme = new URL(url).protocol;
+    return AMQP_SCHEMES.has(new URL(url).protocol);
   } catch {
-    // Not a URL at all: said below like a wrong scheme.
+    // Not a URL at all: as wrong as a wrong scheme.
+    return false;
   }
-  if (scheme !== null && AMQP_SCHEMES.has(scheme)) return url;
+};
+
+const oneAmqpUrl = (url: string, from: string): string => {
+  if (isAmqpUrl(url)) return url;
   throw new UsageError(
     `${from} must be an amqp:// or amqps:// URL, not "${redactUrl(url).slice(0, 80)}"`,
     "For example --amqp-url amqp://user:password@host:5672/vhost (amqps:// for TLS); RabbitMQ's AMQP port is 5672 (5671 with TLS), not the management UI's 15672.",

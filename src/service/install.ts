@@ -7,7 +7,7 @@ import { chmod, lstat, mkdir, readdir, readFile, rm, rmdir } from "node:fs/promi
 import { join, resolve } from "node:path";
 import { messageOf, writeFileAtomic } from "../_utils.ts";
 import { agentConfigFrom } from "../cli/agent.ts";
-import { agentArgs, repeatedValues, resolveAmqpUrl } from "../cli/args.ts";
+import { agentArgs, isAmqpUrl, repeatedValues, resolveAmqpUrl } from "../cli/args.ts";
 import type { Stream } from "../cli/run.ts";
 import { readBoundedText } from "../cli/text-files.ts";
 import { AetherError, UsageError } from "../errors.ts";
@@ -100,13 +100,7 @@ const urlInFile = (text: string, file: string): string => {
 };
 
 const oneUrlInFile = (url: string, file: string): string => {
-  let scheme: string | null = null;
-  try {
-    scheme = new URL(url).protocol;
-  } catch {
-    // Not a URL at all: said below.
-  }
-  if (scheme !== "amqp:" && scheme !== "amqps:") {
+  if (!isAmqpUrl(url)) {
     throw new UsageError(
       `The broker URL file ${file} must hold an amqp:// or amqps:// URL, not "${redactUrl(url).slice(0, 80)}"`,
       "For example amqp://user:password@broker.example:5672/vhost (amqps:// for TLS, port 5671).",
