@@ -4,7 +4,7 @@
 // the route changes the handler asks for, reply with a broker confirm, and
 // only then acknowledge. Which host a message belongs on is placement.ts's.
 import type { Channel, ChannelModel, ConfirmChannel, ConsumeMessage, Options } from "amqplib";
-import { KeyedLock, messageOf, settlesWithin, sleep } from "../_utils.ts";
+import { Deadline, KeyedLock, messageOf, settlesWithin, sleep } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { brokerError, parseBrokerError } from "./broker-errors.ts";
@@ -571,7 +571,9 @@ export class AgentConsumer {
     route: string,
     deadline: number | undefined,
   ): Promise<boolean> {
-    const giveUpAt = Math.min(deadline ?? Number.POSITIVE_INFINITY, Date.now() + CLAIM_WAIT_MS);
+    const giveUp = new Deadline(
+      Math.min(CLAIM_WAIT_MS, (deadline ?? Number.POSITIVE_INFINITY) - Date.now()),
+    );
     for (let attempt = 0; ; attempt++) {
       let held = false;
       const channel = await this.claimChannel(session);
@@ -588,7 +590,7 @@ export class AgentConsumer {
         return false;
       } catch (error) {
         if (held || !session.alive) throw error;
-        if (Date.now() > giveUpAt) {
+        if (giveUp.passed) {
           throw new Error(`another host held the claim on ${route} for too long`);
         }
         // Refused: another host holds it. Anything else on a live session is
