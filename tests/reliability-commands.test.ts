@@ -347,7 +347,10 @@ describe("one slow VM never blocks its host", () => {
     const answeredMs = Date.now() - started;
     expect(early).toHaveLength(39);
     for (const reply of early) {
-      expect(reply.body.response).toMatchObject({ status: "stopping", "vm-id": deaf });
+      expect(reply.body["execution-info"]).toMatchObject({
+        status: "error",
+        reason: expect.stringContaining(`VM "${deaf}" is already stopping`),
+      });
     }
     const state = await cliJson(["vm", "info", deaf], vhost.url, 5);
     expect(state.replies[0]?.response.status).toBe("stopping");

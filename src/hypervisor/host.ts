@@ -476,12 +476,11 @@ export class Host {
     const status = options.kill ? "killed" : "stopped";
     const busy = this.busy.get(vmId);
     if (busy?.what === "stopping") {
+      // An error, not a status: the contract's stop reply is stopped or killed, and this one is neither yet.
       if (!options.kill) {
-        return {
-          status: "stopping",
-          "vm-id": vmId,
-          hint: `VM "${vmId}" is already stopping (its guest has up to ${this.options.stopTimeoutMs / 1000} s to power off); \`vm stop --kill\` ends it at once`,
-        };
+        throw new CommandError(
+          `VM "${vmId}" is already stopping (its guest has up to ${this.options.stopTimeoutMs / 1000} s to power off); \`vm stop --kill\` ends it at once`,
+        );
       }
       // A kill cuts the graceful stop short: that stop then records the VM stopped.
       await this.driver.kill(this.spec(this.record(vmId))).catch((error: unknown) => {

@@ -248,7 +248,7 @@ export const ConsoleTail = v.object({
 export type ConsoleTail = v.InferOutput<typeof ConsoleTail>;
 
 export const VmStatusReply = v.object({
-  status: v.picklist(["starting", "stopping", "stopped", "killed", "deleted"]),
+  status: v.picklist(["starting", "stopped", "killed", "deleted"]),
   "vm-id": VmId,
   hint: v.optional(v.string()),
 });
