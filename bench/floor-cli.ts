@@ -1,9 +1,12 @@
 // Figure 5's floor: the least a compiled Bun program must do for `vm list`:
 // connect, one broadcast list-vms over direct reply-to, wait for the known
 // number of replies, print them as JSON, close, exit. Compiled by the bench
-// with the same Bun and minification as dist/aetherscale.
+// with the same Bun and minification as dist/aetherscale. Its message carries
+// what our client's does (src/routing/client.ts): persistent, message and
+// correlation ids, user_id, expiration and the deadline header.
 //   floor-cli URL EXPECTED_REPLIES
 import amqp from "amqplib";
+import { DEADLINE_HEADER } from "../src/routing/placement.ts";
 
 const [url, expected] = process.argv.slice(2);
 const want = Number(expected ?? 1);
@@ -27,9 +30,14 @@ await channel.consume(
   },
   { noAck: true },
 );
+const id = crypto.randomUUID();
 channel.publish("computing", "list-vms", Buffer.from('{"command":"list-vms","options":{}}'), {
   contentType: "application/json",
   replyTo: "amq.rabbitmq.reply-to",
-  correlationId: "1",
+  correlationId: id,
+  messageId: id,
+  userId: decodeURIComponent(new URL(url ?? "amqp://localhost").username) || "guest",
+  persistent: true,
   expiration: "10000",
+  headers: { [DEADLINE_HEADER]: Date.now() + 10_000 },
 });

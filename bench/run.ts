@@ -19,6 +19,7 @@ import { mkdirSync } from "node:fs";
 import { cpus, freemem, tmpdir, totalmem } from "node:os";
 import { resolve } from "node:path";
 import { figure5 } from "./figures/cli.ts";
+import { figure9 } from "./figures/cluster.ts";
 import { figure3 } from "./figures/create.ts";
 import { figure2 } from "./figures/gather.ts";
 import { figure8 } from "./figures/guest.ts";
@@ -33,7 +34,17 @@ import { setFromSource, setProfileDir } from "./lib/fleet.ts";
 import { runOnce } from "./lib/procs.ts";
 import { markdownTable, notesText, type Row, textTable } from "./lib/report.ts";
 
-const FIGURES: Figure[] = [figure1, figure2, figure3, figure4, figure5, figure6, figure7, figure8];
+const FIGURES: Figure[] = [
+  figure1,
+  figure2,
+  figure3,
+  figure4,
+  figure5,
+  figure6,
+  figure7,
+  figure8,
+  figure9,
+];
 
 type Args = {
   json: boolean;
@@ -73,7 +84,9 @@ const parseArgs = (argv: string[]): Args => {
       const list = arg === "--only" ? argv[++i] : arg.slice("--only=".length);
       const ids = (list ?? "").split(",").map((s) => Number(s.trim()));
       if (ids.length === 0 || ids.some((id) => !FIGURES.some((f) => f.id === id))) {
-        throw new Error(`--only takes figure numbers 1-7 separated by commas, not "${list}"`);
+        throw new Error(
+          `--only takes figure numbers (${FIGURES.map((f) => f.id).join(", ")}) separated by commas, not "${list}"`,
+        );
       }
       args.only = new Set(ids);
     } else if (arg === "--help" || arg === "-h") {

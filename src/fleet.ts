@@ -17,7 +17,7 @@ import {
 } from "./protocol/messages.ts";
 import { Client, type ClientOptions, type Gathered } from "./routing/client.ts";
 import { redactUrl } from "./routing/connection.ts";
-import { COMPETING_QUEUE } from "./routing/topology.ts";
+import { COMPETING_QUEUE, LIVE_QUEUE } from "./routing/topology.ts";
 
 // What the client does, step by step, for --verbose: where it connects, how
 // many agents it counts, and each reply with its host and time.
@@ -110,7 +110,7 @@ const outcome = <C extends CommandName>(command: C, gathered: Gathered): Outcome
 const counted = async (count: Promise<number>, started: number): Promise<number> => {
   const live = await count;
   log.debug(
-    `${live} live agent(s) counted (consumers of ${COMPETING_QUEUE}) in ${ms(performance.now() - started)}`,
+    `${live} live agent(s) counted (consumers of ${LIVE_QUEUE}) in ${ms(performance.now() - started)}`,
   );
   return live;
 };
@@ -152,7 +152,7 @@ export class FleetClient {
     return this.client.url;
   }
 
-  /** How many agents are live (consume the competing queue) right now. */
+  /** How many agents are live (connected to the broker) right now. */
   liveAgents(): Promise<number> {
     return this.client.liveAgents();
   }

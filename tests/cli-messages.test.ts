@@ -190,7 +190,7 @@ describe("--verbose", () => {
     expect(result.stderr).toContain(`connecting to ${redacted}`);
     expect(result.stderr).not.toContain("guest:guest@");
     expect(result.stderr).toMatch(/connected in \d+\.\d ms/);
-    expect(result.stderr).toContain("2 live agent(s) counted (consumers of computing-competing)");
+    expect(result.stderr).toContain("2 live agent(s) counted (consumers of computing-live)");
     expect(result.stderr).toMatch(/list-vms reply from host h1 after \d+\.\d ms: success/);
     expect(result.stderr).toMatch(/list-vms reply from host h2 after \d+\.\d ms: success/);
     // Diagnostics never reach stdout.

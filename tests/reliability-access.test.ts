@@ -28,20 +28,23 @@ type Permissions = { configure: string; write: string; read: string };
  * (write on amq.default) and hands a create-vm it cannot serve back to
  * `computing` (write on the exchange). Claiming a create's route for the
  * fleet declares and deletes an exclusive `computing-claim-<route>` (configure).
+ * Being counted as live is consuming the transient `computing-live`, which an
+ * agent declares again (configure, read) when its node goes.
  */
 const AGENT: Permissions = {
-  configure: "^(computing|computing-competing|computing-host-.+|computing-claim-.+)$",
+  configure:
+    "^(computing|computing-competing|computing-live|computing-host-.+|computing-claim-.+)$",
   write: "^(computing|computing-competing|computing-host-.+|amq\\.default)$",
-  read: "^(computing|computing-competing|computing-host-.+)$",
+  read: "^(computing|computing-competing|computing-live|computing-host-.+)$",
 };
 
 /** The same for one host only: it cannot touch another host's queue. */
 const agentFor = (hostId: string): Permissions => {
   const own = `computing-host-${hostId.replaceAll(".", "\\.")}`;
   return {
-    configure: `^(computing|computing-competing|${own}|computing-claim-.+)$`,
+    configure: `^(computing|computing-competing|computing-live|${own}|computing-claim-.+)$`,
     write: `^(computing|computing-competing|${own}|amq\\.default)$`,
-    read: `^(computing|computing-competing|${own})$`,
+    read: `^(computing|computing-competing|computing-live|${own})$`,
   };
 };
 
@@ -239,6 +242,7 @@ describe("least privilege", () => {
       "computing-claim-host.a1": 0,
       "computing-claim-host.a2": 0,
       "computing-competing": 2,
+      "computing-live": 2,
       "computing-host-a1": 1,
       "computing-host-a2": 1,
     };
@@ -263,6 +267,7 @@ describe("least privilege", () => {
       "computing-claim-host.a1": 0,
       "computing-claim-host.a2": 0,
       "computing-competing": 2,
+      "computing-live": 2,
       "computing-host-a1": 1,
       "computing-host-a2": 1,
     });

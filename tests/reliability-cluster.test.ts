@@ -42,13 +42,6 @@ const ROUNDS = 1;
 const THINK_MS = 100;
 /** The probes' CLI timeout: a probe caught by a loss must not hide the next ones. */
 const PROBE_TIMEOUT_S = 5;
-/**
- * Also fail on what issue 12 asks beyond the must-be-zeros: every failure says
- * clearly what happened, and while one node is away the fleet serves. Off by
- * default until the client stops waiting for agents whose node is down (see
- * the "did not answer" warnings this test prints).
- */
-const STRICT = process.env.AETHERSCALE_TEST_CLUSTER_STRICT === "1";
 
 let cluster: Cluster;
 let images: string;
@@ -164,6 +157,9 @@ const CLEAR: { pattern: RegExp; sent: "no" | "maybe" }[] = [
   { pattern: /Lost the connection to the RabbitMQ broker/, sent: "maybe" },
   { pattern: /broker (is )?unavailable|retry/i, sent: "maybe" },
   { pattern: /No aetherscale agent is connected/, sent: "no" },
+  { pattern: /could not take the command .* it was not run/, sent: "no" },
+  // The VM's own host, busy with the user's previous command on it: the real answer.
+  { pattern: /VM \w+ is \w+; try again once that has finished/, sent: "no" },
 ];
 const WRONG_MISSING = /VM does not exist/;
 
@@ -381,7 +377,13 @@ test("a fleet on a 3-node cluster: lose the busiest node, then another, then all
   agents.push(
     ...(await Promise.all(
       cluster.nodes.map((_, i) =>
-        Agent.start({ url: cluster.urlList(i), hostId: `cl${i + 1}`, imagesDir: images }),
+        Agent.start({
+          url: cluster.urlList(i),
+          hostId: `cl${i + 1}`,
+          imagesDir: images,
+          // Each message's handling in the log, for the failures this test prints.
+          extra: ["--verbose"],
+        }),
       ),
     )),
   );
@@ -537,6 +539,20 @@ test("a fleet on a 3-node cluster: lose the busiest node, then another, then all
       "failures, by what the user read:",
       ...[...texts].map(([text, n]) => `  ${n} x ${text}`),
       ...lostVms.map(([id, vm]) => `lost: ${id} created on ${vm.host}`),
+      ...unclear
+        .filter((a) => a.vm !== null)
+        .map(
+          (a) =>
+            `agents on ${a.vm}: ${agents
+              .flatMap((agent) =>
+                agent.log
+                  .split("\n")
+                  .filter((line) => line.includes(a.vm as string))
+                  .map((line) => `${agent.hostId}: ${line}`),
+              )
+              .slice(-12)
+              .join("\n    ")}`,
+        ),
       ...wrongState.map((text) => `wrong state: ${text}`),
     ].join("\n  "),
   );
@@ -546,8 +562,7 @@ test("a fleet on a 3-node cluster: lose the busiest node, then another, then all
   expect(doubled).toBe(0);
   // Once the nodes are back, the fleet serves again.
   expect(afterRestart.filter((ms) => ms === null)).toEqual([]);
-  if (STRICT) {
-    expect(serviceGaps).toEqual([]);
-    expect(unclear.map((a) => `${a.who} ${a.command}: ${a.error}`)).toEqual([]);
-  }
+  // While one node is away the fleet serves, and every failure says what happened.
+  expect(serviceGaps).toEqual([]);
+  expect(unclear.map((a) => `${a.who} ${a.command}: ${a.error}`)).toEqual([]);
 }, 300_000);

@@ -59,6 +59,7 @@ const run = async (ctx: Context): Promise<Row[]> => {
       keys: ["f3.create-vm"],
       replyFile: reply,
       prefetch: COMPETING_PREFETCH,
+      kind: "competing" as const,
       label: `responder f3-${i}`,
     })),
   );
@@ -70,7 +71,9 @@ const run = async (ctx: Context): Promise<Row[]> => {
   );
   const body = requestBody("create-vm", { image: "base" });
   const floorWorkers: Worker[] = bares.map((bare) => async (count) => {
-    const got = await bare.request(FLOOR_EXCHANGE, "f3.create-vm", body, 1, 30_000);
+    const got = await bare.request(FLOOR_EXCHANGE, "f3.create-vm", body, 1, 30_000, {
+      mandatory: true,
+    });
     count(got === 1 ? "floor" : null);
   });
   const oursWorkers: Worker[] = clients.map((client) => async (count) => {

@@ -129,6 +129,8 @@ const run = async (ctx: Context): Promise<Row[]> => {
               `f6.vm-info.${size}`,
               requestBody("vm-info", { "vm-id": vmId }),
               1,
+              30_000,
+              { mandatory: true },
             ),
         );
         const listCount = size >= 10_000 ? pick(ctx, 60, 15) : pick(ctx, 200, 40);

@@ -1,25 +1,52 @@
 // The floor's client: plain amqplib, one connection and channel, replies over
 // direct reply-to, a request done when the expected number of replies came.
 // What any client of this broker must pay at least, with nothing of ours.
-import amqp, { type Channel, type ChannelModel } from "amqplib";
+//
+// Its messages carry what our client's carry (src/routing/client.ts), so the
+// broker does the same work for both: persistent, a message id and a
+// correlation id (UUIDs), `user_id` (which the broker checks against the
+// connection's user), the expiration and the deadline header, and `mandatory`
+// where ours sets it. `persistent: false` gives the floor before quorum queues.
+import amqp, { type Channel, type ChannelModel, type Message } from "amqplib";
+import { DEADLINE_HEADER } from "../../src/routing/placement.ts";
 
 const DIRECT_REPLY_TO = "amq.rabbitmq.reply-to";
+
+export type BareOptions = {
+  /** Have the broker return the message when no queue is bound (our targeted commands and creates). */
+  mandatory?: boolean;
+  /** Delivery mode 2, as ours (the default); false: transient, the old classic floor's. */
+  persistent?: boolean;
+};
+
+const userOf = (url: string): string => {
+  try {
+    return decodeURIComponent(new URL(url).username) || "guest";
+  } catch {
+    return "guest";
+  }
+};
 
 export class BareRequester {
   private readonly model: ChannelModel;
   private readonly channel: Channel;
+  private readonly user: string;
   private readonly waiting = new Map<string, { left: number; done: () => void }>();
-  private next = 0;
 
-  private constructor(model: ChannelModel, channel: Channel) {
+  private constructor(model: ChannelModel, channel: Channel, user: string) {
     this.model = model;
     this.channel = channel;
+    this.user = user;
   }
 
   static async connect(url: string): Promise<BareRequester> {
     const model = await amqp.connect(url);
+    // A broker that goes away (the bench's clean-up killing a cluster's nodes)
+    // fails the requests in flight by their timeout; it must not crash the run.
+    model.on("error", () => undefined);
     const channel = await model.createChannel();
-    const requester = new BareRequester(model, channel);
+    channel.on("error", () => undefined);
+    const requester = new BareRequester(model, channel, userOf(url));
     await channel.consume(
       DIRECT_REPLY_TO,
       (msg) => {
@@ -29,6 +56,11 @@ export class BareRequester {
       },
       { noAck: true },
     );
+    // A returned mandatory message gets no reply: done at once, with none.
+    channel.on("return", (msg: Message) => {
+      const id = msg.properties.correlationId as string | undefined;
+      if (id !== undefined) requester.waiting.get(id)?.done();
+    });
     return requester;
   }
 
@@ -39,8 +71,9 @@ export class BareRequester {
     body: Buffer,
     expected: number,
     timeoutMs = 10_000,
+    options: BareOptions = {},
   ): Promise<number> {
-    const id = `f${this.next++}`;
+    const id = crypto.randomUUID();
     return new Promise((resolve) => {
       const entry = {
         left: expected,
@@ -56,14 +89,26 @@ export class BareRequester {
         contentType: "application/json",
         replyTo: DIRECT_REPLY_TO,
         correlationId: id,
+        messageId: id,
+        userId: this.user,
+        persistent: options.persistent ?? true,
         expiration: String(timeoutMs),
+        headers: { [DEADLINE_HEADER]: Date.now() + timeoutMs },
+        mandatory: options.mandatory ?? false,
       });
     });
   }
 
   /** `request`, throwing unless all `expected` replies came. */
-  async ask(exchange: string, key: string, body: Buffer, expected: number, timeoutMs = 10_000) {
-    const got = await this.request(exchange, key, body, expected, timeoutMs);
+  async ask(
+    exchange: string,
+    key: string,
+    body: Buffer,
+    expected: number,
+    timeoutMs = 10_000,
+    options: BareOptions = {},
+  ) {
+    const got = await this.request(exchange, key, body, expected, timeoutMs, options);
     if (got !== expected) throw new Error(`bare request ${key}: ${got} of ${expected} replies`);
   }
 

@@ -77,7 +77,7 @@ export const stopAll = async (procs: Proc[]): Promise<void> => {
 
 export type ResponderSpec = {
   url: string;
-  /** Queue to consume; declared (non-durable) if missing. */
+  /** Queue to consume; declared as `kind` says if missing. */
   queue: string;
   /** Routing keys binding the queue to the floor exchange. */
   keys: string[];
@@ -85,25 +85,45 @@ export type ResponderSpec = {
   replyFile: string;
   prefetch?: number;
   label?: string;
+  /**
+   * How the queue is declared (bench/responder.ts): `host` (the default) as an
+   * agent's `computing-host-<id>`, `competing` as `computing-competing` (both
+   * durable quorum queues on a durable exchange, as src/routing/topology.ts
+   * declares them), or `classic`, a transient classic queue (the floor before
+   * quorum queues).
+   */
+  kind?: "host" | "competing" | "classic";
+  /**
+   * Also consume a transient classic queue bound by the same keys to
+   * CLASSIC_FLOOR_EXCHANGE: the old floor, from the same process.
+   */
+  classicToo?: boolean;
 };
 
+/** The floor's exchange: durable, as our `computing` (for `host` and `competing` responders). */
 export const FLOOR_EXCHANGE = "bench-floor";
+/** The transient exchange of the classic floor (`classic` responders, `classicToo`). */
+export const CLASSIC_FLOOR_EXCHANGE = "bench-floor-classic";
 
-export const startResponder = (spec: ResponderSpec): Promise<Proc> =>
-  Proc.start(
+export const startResponder = (spec: ResponderSpec): Promise<Proc> => {
+  const kind = spec.kind ?? "host";
+  return Proc.start(
     spec.label ?? `responder ${spec.queue}`,
     [
       process.execPath,
       join(ROOT, "bench", "responder.ts"),
       spec.url,
-      FLOOR_EXCHANGE,
+      kind === "classic" ? CLASSIC_FLOOR_EXCHANGE : FLOOR_EXCHANGE,
       spec.queue,
       spec.keys.join(","),
       spec.replyFile,
       String(spec.prefetch ?? 32),
+      kind,
+      ...(spec.classicToo && kind !== "classic" ? [CLASSIC_FLOOR_EXCHANGE] : []),
     ],
     { readyText: "responder ready", readyTimeoutMs: 60_000 },
   );
+};
 
 export const startResponders = (specs: ResponderSpec[], parallel = 4): Promise<Proc[]> =>
   mapLimit(specs, parallel, startResponder);

@@ -16,7 +16,7 @@ const brokerCpuPer = async (runs: number, work: () => Promise<void>): Promise<nu
   return pid === null ? Number.NaN : ((await cpuMsOf(pid)) - before) / runs;
 };
 
-/** The client's count of live agents (a channel of its own, a passive declare, closing it). */
+/** The client's count of live agents (a passive declare on a channel of its own). */
 export const liveAgentsMs = async (client: FleetClient, count = 50): Promise<number> =>
   p50(await measure({ ...quick, count }, () => client.liveAgents()));
 

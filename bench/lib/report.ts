@@ -126,3 +126,27 @@ export const notesText = (rows: Row[]): string =>
     .filter((row) => row.notes.length > 0)
     .map((row) => `  [${row.figure}] ${row.what}: ${row.notes.join("; ")}`)
     .join("\n");
+
+/**
+ * The informative row under a latency figure whose floor is on quorum queues:
+ * that floor against the same bare path on a transient classic queue with
+ * transient messages (the floor before quorum queues), i.e. what replication
+ * alone costs; with ours against the classic floor as a note, the ratio the
+ * figure used to show.
+ */
+export const replicationRow = (
+  figure: string,
+  ours: number[],
+  quorumFloor: number[],
+  classicFloor: number[],
+): Row => {
+  const old = ratioOf(latency(ours), latency(classicFloor));
+  return latencyRow(
+    figure,
+    "  the floor itself: quorum + persistent, against classic + transient",
+    quorumFloor,
+    classicFloor,
+    null,
+    [`ours against the classic transient floor: ${num(old)}×`],
+  );
+};

@@ -74,27 +74,41 @@ export const interleave = async (
   ours: Sample,
   floor: Sample,
 ): Promise<{ ours: number[]; floor: number[]; cut: boolean }> => {
+  const { values, cut } = await interleaveSides(options, [floor, ours]);
+  return { floor: values[0] ?? [], ours: values[1] ?? [], cut };
+};
+
+/**
+ * Measures any number of sides in turn, a block of each (warm-up runs too, in
+ * the same order); returns each side's durations in ms, in the order given.
+ */
+export const interleaveSides = async (
+  options: LoopOptions,
+  samples: Sample[],
+): Promise<{ values: number[][]; cut: boolean }> => {
   for (let i = 0; i < options.warmup; i++) {
-    await floor();
-    await ours();
+    for (const sample of samples) await sample();
   }
-  const result = { ours: [] as number[], floor: [] as number[], cut: false };
+  const values = samples.map(() => [] as number[]);
   const deadline = performance.now() + options.budgetMs;
   const minCount = Math.min(options.count, options.minCount ?? 3);
+  let cut = false;
   let turn = 0;
-  while (result.ours.length < options.count || result.floor.length < options.count) {
+  while (values.some((side) => side.length < options.count)) {
     const overBudget = performance.now() > deadline;
-    if (overBudget && result.ours.length >= minCount && result.floor.length >= minCount) {
-      result.cut = true;
+    if (overBudget && values.every((side) => side.length >= minCount)) {
+      cut = true;
       break;
     }
-    const [side, sample] = turn % 2 === 0 ? [result.floor, floor] : [result.ours, ours];
+    const index = turn % samples.length;
+    const side = values[index] as number[];
+    const sample = samples[index] as Sample;
     for (let i = 0; i < options.block && side.length < options.count; i++) {
       side.push(await timed(sample));
     }
     turn++;
   }
-  return result;
+  return { values, cut };
 };
 
 /** Measures one side alone, bounded the same way. */

@@ -1,17 +1,21 @@
 // The client's side of the broker: publish a request by the route it is
 // given and gather the bodies that come back over RabbitMQ's direct reply-to.
 // It knows routes and counts of answers, not what the bodies say.
-import type { Channel, ChannelModel, ConsumeMessage, Message } from "amqplib";
-import { asError } from "../_utils.ts";
+import type { ChannelModel, ConfirmChannel, ConsumeMessage, Message } from "amqplib";
+import { asError, Deadline, settlesWithin, withTimeout } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { brokerError, parseBrokerError } from "./broker-errors.ts";
-import { brokerUrls, brokerUser, connectAny, redactUrl } from "./connection.ts";
+import { brokerUrls, brokerUser, connectAny, redactUrl, SpareChannel } from "./connection.ts";
 import { DEADLINE_HEADER } from "./placement.ts";
-import { COMPETING_QUEUE, EXCHANGE, hostQueue } from "./topology.ts";
+import { countLiveAgents, EXCHANGE, hostQueue } from "./topology.ts";
 
 const log = logger.withTag("client");
 const DIRECT_REPLY_TO = "amq.rabbitmq.reply-to";
+/** What amqplib's confirm callback is given for a nack (and for nothing else). */
+const NACKED = "message nacked";
+/** How long closing may take: a node going down may never confirm it, and the outcome is known. */
+const CLOSE_MS = 1_000;
 
 export type ClientOptions = {
   /** One broker URL, or a comma-separated list of the nodes of one cluster (tried in order). */
@@ -54,17 +58,19 @@ type Pending = {
 
 export class Client {
   private readonly model: ChannelModel;
-  private readonly channel: Channel;
+  /** Confirms: a command is sent once the broker has it (on a cluster, on a majority of nodes). */
+  private readonly channel: ConfirmChannel;
   private readonly options: ClientOptions;
   /** The URL of the list that accepted us: its user is the one the broker checks `user_id` against. */
   private readonly connectedUrl: string;
   private readonly pending = new Map<string, Pending>();
   private closed = false;
-  private checks: Channel | null = null;
+  /** Passive declares of queues that may be missing, which close their channel. */
+  private readonly checks: SpareChannel;
 
   private constructor(
     model: ChannelModel,
-    channel: Channel,
+    channel: ConfirmChannel,
     options: ClientOptions,
     connectedUrl: string,
   ) {
@@ -72,9 +78,13 @@ export class Client {
     this.channel = channel;
     this.options = options;
     this.connectedUrl = connectedUrl;
+    this.checks = new SpareChannel(model);
   }
 
   static async connect(options: ClientOptions): Promise<Client> {
+    // One budget for connecting and opening: a node that dies half-way through
+    // must not hold the command past its timeout.
+    const deadline = new Deadline(options.timeoutMs);
     // A node that does not answer is passed over for the next one of the list.
     const { model, url } = await connectAny(brokerUrls(options.url), {
       timeoutMs: options.timeoutMs,
@@ -83,7 +93,11 @@ export class Client {
     });
     try {
       model.on("error", (error: Error) => log.debug(`connection error: ${error.message}`));
-      const channel = await model.createChannel();
+      const channel = await withTimeout(
+        model.createConfirmChannel(),
+        Math.max(1, deadline.left),
+        () => new Error(`no channel within ${options.timeoutMs / 1000} s`),
+      );
       const client = new Client(model, channel, options, url);
       // The broker closes the channel on an error (a publish to an exchange that
       // does not exist yet); the requests on it must not wait for their timeout.
@@ -95,7 +109,11 @@ export class Client {
       channel.on("close", () => client.onClosed(channelError));
       model.on("close", () => client.onClosed(null));
       channel.on("return", (msg: Message) => client.onReturn(msg));
-      await channel.consume(DIRECT_REPLY_TO, (msg) => client.onReply(msg), { noAck: true });
+      await withTimeout(
+        channel.consume(DIRECT_REPLY_TO, (msg) => client.onReply(msg), { noAck: true }),
+        Math.max(1, deadline.left),
+        () => new Error(`no reply consumer within ${options.timeoutMs / 1000} s`),
+      );
       return client;
     } catch (error) {
       await model.close().catch(() => undefined);
@@ -119,14 +137,13 @@ export class Client {
     return this.options.timeoutMs;
   }
 
-  /** How many agents consume the competing queue right now: one per live host. */
+  /** How many agents are connected right now: one per live host (0 before any agent declared the topology). */
   async liveAgents(): Promise<number> {
-    const checks = await this.checkChannel();
-    try {
-      return (await checks.checkQueue(COMPETING_QUEUE)).consumerCount;
-    } catch {
+    const counting = countLiveAgents(this.checks).catch(() => {
+      if (this.closed) throw this.lost();
       return 0;
-    }
+    });
+    return this.bounded(counting, "counting the live agents");
   }
 
   /**
@@ -134,16 +151,38 @@ export class Client {
    * broadcast, the ones among them that did not answer are the silent ones.
    */
   async liveHosts(hostIds: string[]): Promise<string[]> {
-    const live: string[] = [];
-    for (const hostId of hostIds) {
-      const checks = await this.checkChannel();
-      const count = await checks.checkQueue(hostQueue(hostId)).then(
-        (queue) => queue.consumerCount,
-        () => 0,
-      );
-      if (count > 0) live.push(hostId);
-    }
-    return live;
+    const live = async () => {
+      const found: string[] = [];
+      for (const hostId of hostIds) {
+        const checks = await this.checks.get();
+        const count = await checks.checkQueue(hostQueue(hostId)).then(
+          (queue) => queue.consumerCount,
+          () => {
+            this.checks.drop(checks);
+            return 0;
+          },
+        );
+        if (count > 0) found.push(hostId);
+      }
+      return found;
+    };
+    return this.bounded(live(), "looking for the silent hosts");
+  }
+
+  /** `work` on this connection, given up with a clear error after the client's timeout. */
+  private bounded<T>(work: Promise<T>, what: string): Promise<T> {
+    return withTimeout(
+      work,
+      this.options.timeoutMs,
+      () =>
+        new BrokerError(
+          `The RabbitMQ broker at ${redactUrl(this.connectedUrl)} did not answer within ${this.options.timeoutMs / 1000} s while ${what}`,
+          {
+            failure: "unreachable",
+            hint: "The broker node may be going down; retry, or check its health.",
+          },
+        ),
+    );
   }
 
   /** The error for a fleet with no live agent. */
@@ -199,46 +238,45 @@ export class Client {
           (error: unknown) => pending.fail(asError(error)),
         );
       }
-      this.channel.publish(EXCHANGE, routingKey, body, {
-        contentType: "application/json",
-        replyTo: DIRECT_REPLY_TO,
-        correlationId: id,
-        messageId: options.messageId ?? id,
-        // Checked by the broker against the user we logged in as.
-        userId: brokerUser(this.connectedUrl),
-        // Kept on disk (quorum queues keep every message anyway): a command
-        // must not be lost with a broker node that restarts.
-        persistent: true,
-        // The queue honours the expiration; the agent honours the deadline,
-        // also for a message it has taken but not yet begun.
-        expiration: String(this.options.timeoutMs),
-        headers: { [DEADLINE_HEADER]: Date.now() + this.options.timeoutMs },
-        mandatory,
-      });
+      this.channel.publish(
+        EXCHANGE,
+        routingKey,
+        body,
+        {
+          contentType: "application/json",
+          replyTo: DIRECT_REPLY_TO,
+          correlationId: id,
+          messageId: options.messageId ?? id,
+          // Checked by the broker against the user we logged in as.
+          userId: brokerUser(this.connectedUrl),
+          // Kept on disk (quorum queues keep every message anyway): a command
+          // must not be lost with a broker node that restarts.
+          persistent: true,
+          // The queue honours the expiration; the agent honours the deadline,
+          // also for a message it has taken but not yet begun.
+          expiration: String(this.options.timeoutMs),
+          headers: { [DEADLINE_HEADER]: Date.now() + this.options.timeoutMs },
+          mandatory,
+        },
+        (error: unknown) => {
+          // A nack: not taken (a quorum queue between two leaders, say), so it
+          // will never run. A closed channel is not one: onClosed says "lost".
+          if (error instanceof Error && error.message === NACKED) pending.fail(this.notTaken());
+        },
+      );
     });
   }
 
   async close(): Promise<void> {
     this.closed = true;
-    await this.model.close().catch(() => undefined);
+    await settlesWithin(CLOSE_MS, this.model.close());
   }
 
-  /**
-   * A passive declare of a missing queue closes its channel, so checks get a
-   * channel of their own, kept while it lives and made again after.
-   */
-  private async checkChannel(): Promise<Channel> {
-    if (this.checks === null) {
-      const channel = await this.model.createChannel().catch(() => {
-        throw this.lost();
-      });
-      channel.on("error", () => undefined);
-      channel.on("close", () => {
-        if (this.checks === channel) this.checks = null;
-      });
-      this.checks = channel;
-    }
-    return this.checks;
+  private notTaken(): BrokerError {
+    return new BrokerError(
+      `The RabbitMQ broker at ${redactUrl(this.connectedUrl)} could not take the command (a node of its cluster may be failing over); it was not run`,
+      { failure: "unreachable", hint: "Retry in a moment." },
+    );
   }
 
   private lost(): BrokerError {

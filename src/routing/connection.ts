@@ -1,8 +1,8 @@
 // Opening an AMQP connection from a URL as the user gave it, and turning the
 // ways that fails into one message that says what to check.
 import { readFileSync } from "node:fs";
-import amqp, { type ChannelModel, type ConfirmChannel, type Options } from "amqplib";
-import { asError, messageOf, withTimeout } from "../_utils.ts";
+import amqp, { type Channel, type ChannelModel, type ConfirmChannel, type Options } from "amqplib";
+import { asError, Deadline, messageOf, withTimeout } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { brokerError } from "./broker-errors.ts";
 
@@ -120,8 +120,9 @@ export type Connected = {
  * Connects to the first URL of `urls`, from `start` on (wrapping round), that
  * accepts us. A node that cannot be reached or closed on us is passed over; a
  * refusal (login, vhost, TLS, configuration) is the same on every node of a
- * cluster and ends the attempt at once. When none answers, the error says
- * what each one did.
+ * cluster and ends the attempt at once. `timeoutMs` bounds the whole attempt,
+ * shared out so that a node that hangs leaves the others their turn. When none
+ * answers, the error says what each one did.
  */
 export const connectAny = async (
   urls: readonly string[],
@@ -129,11 +130,13 @@ export const connectAny = async (
   start = 0,
 ): Promise<Connected> => {
   const failures: BrokerError[] = [];
+  const deadline = new Deadline(options.timeoutMs);
   for (let step = 0; step < urls.length; step++) {
     const index = (start + step) % urls.length;
     const url = urls[index] as string;
+    const share = Math.max(1, Math.floor(deadline.left / (urls.length - step)));
     try {
-      return { model: await connect(url, options), url, index };
+      return { model: await connect(url, { ...options, timeoutMs: share }), url, index };
     } catch (error) {
       const failure = brokerError(error, redactUrl(url));
       if (failure.fatal || urls.length === 1) throw failure;
@@ -146,6 +149,49 @@ export const connectAny = async (
     { failure: last.failure, hint: last.hint, cause: last },
   );
 };
+
+/**
+ * A channel the broker may close over a refusal (a passive declare of a
+ * missing queue, a claim another holds): kept while it lives, made again when
+ * next asked for.
+ */
+export class SpareChannel {
+  private readonly model: ChannelModel;
+  private channel: Promise<Channel> | null = null;
+  /** What `channel` resolved to, once it has. */
+  private open: Channel | null = null;
+
+  constructor(model: ChannelModel) {
+    this.model = model;
+  }
+
+  get(): Promise<Channel> {
+    if (this.channel === null) {
+      const opening = this.model.createChannel().then((channel) => {
+        channel.on("error", () => undefined);
+        channel.on("close", () => this.drop(channel));
+        if (this.channel === opening) this.open = channel;
+        return channel;
+      });
+      opening.catch(() => {
+        if (this.channel === opening) this.channel = null;
+      });
+      this.channel = opening;
+      this.open = null;
+    }
+    return this.channel;
+  }
+
+  /**
+   * Not to be given out again: the broker refused something on it and is
+   * closing it (its close event may come after the refusal).
+   */
+  drop(channel: Channel): void {
+    if (this.open !== channel) return;
+    this.open = null;
+    this.channel = null;
+  }
+}
 
 /** The user a URL logs in as: amqplib's default when it names none. */
 export const brokerUser = (url: string): string => {

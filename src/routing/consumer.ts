@@ -8,7 +8,16 @@ import { Deadline, KeyedLock, messageOf, settlesWithin, sleep } from "../_utils.
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { brokerError, parseBrokerError } from "./broker-errors.ts";
-import { brokerUrls, brokerUser, connect, publishConfirmed, redactUrl } from "./connection.ts";
+import {
+  brokerUrls,
+  brokerUser,
+  type ConnectOptions,
+  connect,
+  connectAny,
+  publishConfirmed,
+  redactUrl,
+  SpareChannel,
+} from "./connection.ts";
 import {
   deadlineOf,
   handOn,
@@ -22,9 +31,12 @@ import {
   bindRoute,
   COMPETING_QUEUE,
   claimQueue,
+  countLiveAgents,
   declareAgentTopology,
+  declareLiveQueue,
   EXCHANGE,
   hostQueue,
+  LIVE_QUEUE,
   unbindRoute,
 } from "./topology.ts";
 
@@ -146,8 +158,10 @@ type Session = {
   ops: Channel;
   consumerTags: string[];
   alive: boolean;
-  /** Where claim locks are declared; the broker closes it on each refusal, so it is made again. */
-  claims: Channel | null;
+  /** Where claim locks are declared and queues counted; the broker closes it on each refusal. */
+  spare: SpareChannel;
+  /** The channel consuming the live-agents queue: while it consumes, clients count this host. */
+  live: Channel | null;
 };
 
 /**
@@ -207,8 +221,17 @@ export class AgentConsumer {
     this.hostId = options.topology.hostId;
     this.urls = brokerUrls(options.url);
     this.agentUsers = new Set(this.urls.map(brokerUser));
+    // Any node of the cluster delivers a reply to any other: a reply lane takes
+    // the first that answers, from the one the agent dials now.
     this.replies = new ReplyLine(
-      (lane) => this.dial(`aetherscale agent ${this.hostId} ${lane}`),
+      async (lane) =>
+        (
+          await connectAny(
+            this.urls,
+            this.connectOptions(`aetherscale agent ${this.hostId} ${lane}`),
+            this.current,
+          )
+        ).model,
       hostQueue(this.hostId),
     );
   }
@@ -260,6 +283,9 @@ export class AgentConsumer {
     // does not confirm the cancel within a few seconds is not waited for again.
     let answering = false;
     if (session?.alive) {
+      // Not counted by clients from now on: their broadcasts wait for us no more.
+      await settlesWithin(STOP_STEP_MS, session.live?.close() ?? Promise.resolve());
+      session.live = null;
       answering = await settlesWithin(
         STOP_STEP_MS,
         Promise.allSettled(session.consumerTags.map((tag) => session.consume.cancel(tag))),
@@ -311,14 +337,18 @@ export class AgentConsumer {
     }
   }
 
-  private dial(name: string) {
+  private connectOptions(name: string): ConnectOptions {
     const { connectTimeoutMs, caFile, heartbeatS } = this.options;
-    return connect(this.urls[this.current] as string, {
+    return {
       timeoutMs: connectTimeoutMs ?? 10_000,
       name,
       caFile,
       ...(heartbeatS === undefined ? {} : { heartbeatS }),
-    });
+    };
+  }
+
+  private dial(name: string) {
+    return connect(this.urls[this.current] as string, this.connectOptions(name));
   }
 
   private async open(): Promise<void> {
@@ -342,7 +372,8 @@ export class AgentConsumer {
         ops,
         consumerTags: [],
         alive: true,
-        claims: null,
+        spare: new SpareChannel(model),
+        live: null,
       };
       const current = session;
       for (const channel of [consume, publish, ops]) {
@@ -386,6 +417,8 @@ export class AgentConsumer {
         this.dispatch(current, msg),
       );
       session.consumerTags = [competing.consumerTag, own.consumerTag];
+      // Counted by clients only once it can take commands.
+      await this.joinLive(current);
       this.session = session;
       // A channel the broker closed (e.g. over a publish it refused) leaves the
       // session half dead: start over on a new connection, where every
@@ -576,7 +609,7 @@ export class AgentConsumer {
     );
     for (let attempt = 0; ; attempt++) {
       let held = false;
-      const channel = await this.claimChannel(session);
+      const channel = await session.spare.get();
       try {
         await channel.assertQueue(claimQueue(route), {
           exclusive: true,
@@ -595,7 +628,7 @@ export class AgentConsumer {
         }
         // Refused: another host holds it. Anything else on a live session is
         // another claim's refusal closing the shared channel: again, on a new one.
-        if (session.claims === channel) session.claims = null;
+        session.spare.drop(channel);
         if (parseBrokerError(error).failure === "resource-locked") {
           await sleep(Math.min(10 * 2 ** attempt, 200));
           if (await this.sendHome(session, msg, route)) return true;
@@ -606,16 +639,38 @@ export class AgentConsumer {
     }
   }
 
-  private async claimChannel(session: Session): Promise<Channel> {
-    if (session.claims === null) {
-      const channel = await session.model.createChannel();
-      channel.on("error", () => undefined);
-      channel.on("close", () => {
-        if (session.claims === channel) session.claims = null;
-      });
-      session.claims = channel;
+  /**
+   * Consumes the live-agents queue, so that clients count this host. The queue
+   * goes with its node (it is transient): the broker then cancels our consumer,
+   * and we declare it again on a node that is up.
+   */
+  private async joinLive(session: Session): Promise<void> {
+    const channel = await declareLiveQueue(() => session.model.createChannel());
+    channel.on("error", (error: Error) => log.debug(`live-agents channel: ${error.message}`));
+    await channel.consume(
+      LIVE_QUEUE,
+      (msg) => {
+        if (msg !== null) return;
+        log.info(`the broker removed ${LIVE_QUEUE} (its node went away); declaring it again`);
+        void channel.close().catch(() => undefined);
+        void this.rejoinLive(session);
+      },
+      { noAck: true },
+    );
+    session.live = channel;
+  }
+
+  /** THE retry loop of the live-agents queue, while the session lasts. */
+  private async rejoinLive(session: Session): Promise<void> {
+    for (let delay = 100; session.alive && !this.stopping; delay = Math.min(delay * 2, 2_000)) {
+      try {
+        await this.joinLive(session);
+        return;
+      } catch (error) {
+        log.warn(`could not consume ${LIVE_QUEUE} again (${messageOf(error)}); retrying`);
+        await sleep(delay);
+      }
     }
-    return session.claims;
   }
 
   private async answer(session: Session, msg: ConsumeMessage, body: Buffer): Promise<void> {
@@ -694,7 +749,7 @@ export class AgentConsumer {
       headers: msg.properties.headers ?? {},
       hostId: this.hostId,
       kind: decline.reasonKind,
-      live: (await session.ops.checkQueue(COMPETING_QUEUE)).consumerCount,
+      live: await countLiveAgents(session.spare),
       now: Date.now(),
       expiration: msg.properties.expiration as string | undefined,
     });
@@ -732,10 +787,11 @@ export class AgentConsumer {
     try {
       await this.replies.publish(replyTo, body, options);
     } catch (error) {
-      // With the broker gone the message is redelivered and answered later;
-      // with the broker there, this one reply cannot be delivered, and holding
-      // the message back would only bring it round again.
-      if (!session.alive) throw error;
+      // With the broker gone (or no node of the list to be reached) the message
+      // is redelivered and answered later; with the broker there, this one
+      // reply cannot be delivered, and holding the message back would only
+      // bring it round again.
+      if (!session.alive || error instanceof BrokerError) throw error;
       log.warn(`dropped an undeliverable reply to "${replyTo.slice(0, 80)}": ${messageOf(error)}`);
     }
     this.replied.add(msg);

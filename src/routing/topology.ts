@@ -10,11 +10,22 @@
 import type { Channel } from "amqplib";
 import { BrokerError } from "../errors.ts";
 import { parseBrokerError } from "./broker-errors.ts";
+import type { SpareChannel } from "./connection.ts";
 
 export const EXCHANGE = "computing";
 export const COMPETING_QUEUE = "computing-competing";
 
 export const hostQueue = (hostId: string): string => `computing-host-${hostId}`;
+
+/**
+ * The count of live agents: a classic transient queue that every connected
+ * agent consumes and nothing is ever kept in. Not the quorum queues' consumer
+ * counts: RabbitMQ keeps counting the consumer of an agent whose node was
+ * killed (it is only "suspected down") until that node returns, and broadcasts
+ * would wait their whole timeout for an answer that cannot come. A classic
+ * queue drops such a consumer at once.
+ */
+export const LIVE_QUEUE = "computing-live";
 
 /**
  * The queue whose exclusive declaration is the fleet-wide lock on claiming
@@ -124,6 +135,54 @@ export const declareAgentTopology = async (
     }),
   );
   for (const key of topology.hostKeys) await channel.bindQueue(queue, EXCHANGE, key);
+};
+
+/**
+ * Declares the live-agents queue. When its node went down the broker may keep
+ * a record of it whose process is gone ("process is stopped by supervisor",
+ * RabbitMQ 3.10): such a queue can only be deleted and declared again. Each
+ * attempt takes a fresh channel from `open`, since a refusal closes it; the
+ * channel of the successful declaration is returned, to consume on.
+ */
+export const declareLiveQueue = async (open: () => Promise<Channel>): Promise<Channel> => {
+  for (let attempt = 1; ; attempt++) {
+    const channel = await open();
+    try {
+      await channel.assertQueue(LIVE_QUEUE, {
+        durable: false,
+        exclusive: false,
+        autoDelete: false,
+        // Nothing is ever published to it; should anyone, nothing is kept.
+        arguments: { "x-max-length": 0 },
+      });
+      return channel;
+    } catch (error) {
+      if (parseBrokerError(error).failure !== "not-found" || attempt >= 3) throw error;
+      const cleaner = await open();
+      await cleaner.deleteQueue(LIVE_QUEUE).catch(() => undefined);
+      await cleaner.close().catch(() => undefined);
+    }
+  }
+};
+
+/**
+ * How many agents are live: the consumers of the live-agents queue, or, where
+ * it is missing or has none (its node has just gone and the agents are
+ * declaring it again, or the agents are older), of the competing queue. A
+ * missing queue closes the channel it was asked on.
+ */
+export const countLiveAgents = async (spare: SpareChannel): Promise<number> => {
+  for (const queue of [LIVE_QUEUE, COMPETING_QUEUE]) {
+    const channel = await spare.get();
+    try {
+      const count = (await channel.checkQueue(queue)).consumerCount;
+      if (count > 0 || queue === COMPETING_QUEUE) return count;
+    } catch (error) {
+      spare.drop(channel);
+      if (queue === COMPETING_QUEUE) throw error;
+    }
+  }
+  return 0;
 };
 
 /** Routes this one host answers (beyond the shared keys) lead to its own queue. */

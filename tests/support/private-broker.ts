@@ -120,7 +120,8 @@ const hookExit = () => {
   ] as const) {
     process.once(signal, () => {
       destroyAll();
-      process.exit(code);
+      // Another handler (the bench's clean-up, say) exits once it is done.
+      if (process.listenerCount(signal) === 0) process.exit(code);
     });
   }
 };

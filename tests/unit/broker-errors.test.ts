@@ -147,4 +147,30 @@ describe("connectAny: a list of broker URLs", () => {
       "Cannot reach the RabbitMQ broker at amqp://127.0.0.1:1/: connection refused",
     );
   });
+
+  test("nodes that accept and never answer share the timeout: the whole list gives up in time", async () => {
+    // Two listeners on the loopback that take the TCP connection and say nothing.
+    const silent = await Promise.all(
+      [0, 1].map(() =>
+        Bun.listen({
+          hostname: "127.0.0.1",
+          port: 0,
+          socket: { data() {}, open() {} },
+        }),
+      ),
+    );
+    try {
+      const error = await connectAny(
+        silent.map((server) => `amqp://127.0.0.1:${server.port}/`),
+        { timeoutMs: 1000, name: "unit test" },
+      ).catch((caught: unknown) => caught);
+      expect((error as BrokerError).message).toStartWith(
+        "Cannot connect to any of the 2 RabbitMQ brokers: ",
+      );
+      // Each node had its share (0.5 s), not the whole timeout each.
+      expect((error as BrokerError).message).toContain("did not answer within 0.5 s");
+    } finally {
+      for (const server of silent) server.stop(true);
+    }
+  });
 });
