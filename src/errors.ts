@@ -86,8 +86,8 @@ export class CommandError extends AetherError {}
  * hands the message on instead of replying. `kind` is opaque to routing.
  */
 export class DeclineError extends AetherError {
-  readonly kind: "image" | "capacity";
-  constructor(kind: "image" | "capacity", message: string) {
+  readonly kind: "image" | "capacity" | "quota";
+  constructor(kind: "image" | "capacity" | "quota", message: string) {
     super(message);
     this.kind = kind;
   }

@@ -85,6 +85,9 @@ beforeAll(async () => {
   await broker.ctl("add_vhost", VHOST);
   await grant(users.agent, AGENT);
   await grant(users.agentA1, agentFor("a1"));
+  // Agents with users of their own hand creates on with their sender's user_id.
+  await broker.ctl("set_user_tags", users.agent.name, "impersonator");
+  await broker.ctl("set_user_tags", users.agentA1.name, "impersonator");
   await grant(users.client, CLIENT);
   await grant(users.readOnly, { configure: "^$", write: "^$", read: "^$" });
   await grant(users.agentNoRead, { ...AGENT, read: "^(computing|computing-competing)$" });

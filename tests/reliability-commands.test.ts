@@ -23,7 +23,8 @@ type Reply = { cid: string; body: Record<string, any> };
 
 /**
  * Publishes each message as a bare AMQP client would (on a connection that
- * logs in as `user`), then gathers the replies until `count` arrived.
+ * logs in as `url`'s user, and saying so in `user_id` as our client does: the
+ * VMs are that user's), then gathers the replies until `count` arrived.
  */
 const publishAll = async (
   url: string,
@@ -49,6 +50,7 @@ const publishAll = async (
       channel.publish("computing", key, Buffer.from(JSON.stringify(body)), {
         replyTo: "amq.rabbitmq.reply-to",
         correlationId: String(index),
+        userId: decodeURIComponent(new URL(url).username),
         ...props,
       });
     });

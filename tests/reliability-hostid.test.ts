@@ -50,7 +50,13 @@ describe("a duplicate host id", () => {
           "computing",
           "create-vm",
           Buffer.from(JSON.stringify({ command: "create-vm", options: { image: "base" } })),
-          { replyTo: "amq.rabbitmq.reply-to", correlationId: `c${i}`, messageId: `dup-${i}` },
+          // As guest, whose `vm list` below shows them (without user_id they would be anonymous).
+          {
+            replyTo: "amq.rabbitmq.reply-to",
+            correlationId: `c${i}`,
+            messageId: `dup-${i}`,
+            userId: "guest",
+          },
         );
       }
       await channel.waitForConfirms();

@@ -54,7 +54,10 @@ const allVms = async () => {
   return replies.flatMap((reply) => reply.response as Array<{ "vm-id": string; host: string }>);
 };
 
-/** Publishes one message as a bare client would and collects the replies for 800 ms. */
+/**
+ * Publishes one message as a bare client would (as the vhost's user, guest, as
+ * our client says it is: the VMs are theirs) and collects the replies for 800 ms.
+ */
 const raw = async (routingKey: string, body: Buffer | string, props: amqp.Options.Publish = {}) => {
   const connection = await amqp.connect(vhost.url);
   try {
@@ -72,6 +75,7 @@ const raw = async (routingKey: string, body: Buffer | string, props: amqp.Option
     );
     channel.publish("computing", routingKey, Buffer.from(body), {
       replyTo: "amq.rabbitmq.reply-to",
+      userId: "guest",
       ...props,
     });
     await new Promise((resolve) => setTimeout(resolve, 800));
@@ -216,8 +220,33 @@ describe("a client written for the tutorial keeps working", () => {
   });
 
   test("start, stop and delete: one success from the owner, 'VM does not exist' from the others", async () => {
-    const vm = (await allVms()).find((candidate) => candidate.host === "h2");
-    const id = vm?.["vm-id"] as string;
+    // The tutorial's client sends no user_id: it is the anonymous user, which
+    // owns only what it made. Room on h2 for one VM of its own.
+    const guests = (await allVms()).find((candidate) => candidate.host === "h2");
+    const guestsId = guests?.["vm-id"] as string;
+    for (const command of ["vm-info", "stop-vm", "delete-vm"]) {
+      const replies = await tutorialSend(vhost.url, {
+        command,
+        options: { "vm-id": guestsId },
+      });
+      expect(replies.map((reply) => reply["execution-info"].reason)).toEqual([
+        "VM does not exist",
+        "VM does not exist",
+        "VM does not exist",
+      ]);
+    }
+    expect((await stateOf(agents[1] as Agent)).vms[guestsId]?.status).toBe("running");
+    expect((await cli(["vm", "delete", guestsId], { url: vhost.url })).code).toBe(0);
+    const created = await tutorialSend(vhost.url, {
+      command: "create-vm",
+      options: { image: "other" },
+    });
+    expect(created[0]?.["execution-info"]).toEqual({ status: "success", host: "h2" });
+    const id = created[0]?.response["vm-id"] as string;
+    // Its list is its own VM only; guest's list does not have it.
+    const listed = await tutorialSend(vhost.url, { command: "list-vms" });
+    expect(listed.flatMap((reply) => reply.response.map((vm: any) => vm["vm-id"]))).toEqual([id]);
+    expect((await allVms()).map((vm) => vm["vm-id"])).not.toContain(id);
     for (const command of ["stop-vm", "start-vm", "delete-vm"]) {
       const replies = await tutorialSend(vhost.url, {
         command,

@@ -168,10 +168,13 @@ describe("snapshots of a real QEMU VM", () => {
   });
 
   test("the tutorial's way: a broadcast by command name is answered by the host", async () => {
-    const replies = await tutorialSend(vhost.url, {
-      command: "list-snapshots",
-      options: { "vm-id": vmId },
-    });
+    // As the VM's owner (guest): a request without user_id is the anonymous user's.
+    const replies = await tutorialSend(
+      vhost.url,
+      { command: "list-snapshots", options: { "vm-id": vmId } },
+      2000,
+      "guest",
+    );
     expect(replies).toHaveLength(1);
     expect(replies[0]?.["execution-info"]).toEqual({ status: "success", host: "s1" });
     expect(replies[0]?.response.snapshots).toHaveLength(2);

@@ -116,13 +116,16 @@ export class HostHandler implements MessageHandler {
           kind: "decline",
           reasonKind: error.kind,
           message: error.message,
-          // This host's own words name why an image it has cannot be used.
+          // A user at their quota hears that, not that the fleet is full; this
+          // host's own words name why an image it has cannot be used.
           everywhere: (kinds) =>
-            kinds.includes("capacity")
-              ? Reasons.noCapacity
-              : error.kind === "image"
-                ? error.message
-                : Reasons.imageDoesNotExist(image),
+            kinds.includes("quota")
+              ? Reasons.quotaReached(delivery.userId ?? null)
+              : kinds.includes("capacity")
+                ? Reasons.noCapacity
+                : error.kind === "image"
+                  ? error.message
+                  : Reasons.imageDoesNotExist(image),
         };
       }
       // A state change the disk refused changed nothing: the user hears why, as is.
@@ -144,6 +147,10 @@ export class HostHandler implements MessageHandler {
   ): Promise<Outcome> {
     const host = this.host;
     const { deadline } = context;
+    // Who asks, as the broker validated it; a request without user_id is the anonymous user's.
+    const caller = delivery.userId ?? null;
+    // Another user's VM is answered as an unknown one, before anything runs.
+    if (isVmRequest(request)) host.authorize(request.options["vm-id"], caller);
     switch (request.command) {
       case "create-vm": {
         const created = await host.createVm(request.options, {
@@ -151,11 +158,12 @@ export class HostHandler implements MessageHandler {
           claim: (vmId) => context.claim(vmRoute(vmId)),
           deadline,
           digest: requestDigest(delivery.userId, request.options),
+          owner: caller,
         });
         return this.success(created, { bind: [vmRoute(created["vm-id"])] });
       }
       case "list-vms":
-        return this.success(host.list());
+        return this.success(host.list(caller));
       case "list-hosts": {
         const broker = this.brokerLink();
         return this.success({

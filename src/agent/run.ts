@@ -5,7 +5,7 @@ import { messageOf } from "../_utils.ts";
 import { HypervisorError } from "../errors.ts";
 import type { VmDriver } from "../hypervisor/driver.ts";
 import { FakeDriver } from "../hypervisor/drivers/fake.ts";
-import { Host, type HostNetwork } from "../hypervisor/host.ts";
+import { Host, type HostNetwork, type OwnerPolicy } from "../hypervisor/host.ts";
 import { type AccelChoice, DEFAULT_QEMU_IMG, findExecutable } from "../hypervisor/qemu-tools.ts";
 import type { RestorePolicy } from "../hypervisor/restore.ts";
 import { logger } from "../log.ts";
@@ -37,6 +37,8 @@ export type AgentConfig = {
   restore: RestorePolicy;
   url: string;
   caFile: string | undefined;
+  /** Administrators, per-user quotas, and who owns the VMs made before owners. */
+  owners: OwnerPolicy;
 };
 
 const makeDriver = async (config: AgentConfig): Promise<VmDriver> => {
@@ -104,6 +106,7 @@ export const runAgent = async (config: AgentConfig): Promise<void> => {
     version: VERSION,
     network: config.network,
     restore: config.restore,
+    owners: config.owners,
   });
   const { portRange, publishAddress, advertiseAddress } = config.network;
   log.info(

@@ -17,7 +17,8 @@ import type { AccelChoice } from "../hypervisor/qemu-tools.ts";
 import { DEFAULT_RESTORE, RESTORE_POLICIES, type RestorePolicy } from "../hypervisor/restore.ts";
 import { describeIssues } from "../protocol/envelope.ts";
 import { HostId } from "../protocol/messages.ts";
-import { integerArg, resolveAmqpUrl, resolveCaFile, secondsArg } from "./args.ts";
+import { brokerUrls, brokerUser } from "../routing/connection.ts";
+import { integerArg, repeatedValues, resolveAmqpUrl, resolveCaFile, secondsArg } from "./args.ts";
 
 export type AgentFlags = {
   "host-id"?: string;
@@ -35,6 +36,8 @@ export type AgentFlags = {
   "publish-address"?: string;
   "advertise-address"?: string;
   restore?: string;
+  "user-max-vms"?: string;
+  "user-max-memory"?: string;
 };
 
 const ACCEL_CHOICES: readonly AccelChoice[] = ["auto", "kvm", "tcg"];
@@ -129,7 +132,18 @@ const checkSocketRoom = (stateDir: string): void => {
   );
 };
 
-export const agentConfigFrom = (flags: AgentFlags): AgentConfig => {
+/** Broker user names as RabbitMQ allows them: no control characters, no spaces at the ends. */
+const adminsFrom = (names: string[]): string[] => {
+  for (const name of names) {
+    if (name.trim() !== name || name === "" || name.length > 255 || !/^\P{Cc}+$/u.test(name)) {
+      throw new UsageError(`--admin must name a broker user, not "${name.slice(0, 40)}"`);
+    }
+  }
+  return [...new Set(names)];
+};
+
+/** `rawArgs`: the command line as given, for the flags that may be repeated (--admin). */
+export const agentConfigFrom = (flags: AgentFlags, rawArgs: string[] = []): AgentConfig => {
   const hostId = flags["host-id"] || defaultHostId();
   const checkedId = v.safeParse(HostId, hostId);
   if (!checkedId.success) {
@@ -142,6 +156,7 @@ export const agentConfigFrom = (flags: AgentFlags): AgentConfig => {
     throw new UsageError(`--driver must be qemu or fake, not "${driver.slice(0, 40)}"`);
   }
   const stateDir = resolve(flags["state-dir"] || defaultStateDir(hostId));
+  const url = resolveAmqpUrl(flags["amqp-url"]);
   if (driver === "qemu") checkSocketRoom(stateDir);
   return {
     hostId,
@@ -163,7 +178,20 @@ export const agentConfigFrom = (flags: AgentFlags): AgentConfig => {
     network: networkFrom(flags),
     stateDir,
     imagesDir: resolve(flags["images-dir"] || defaultImagesDir()),
-    url: resolveAmqpUrl(flags["amqp-url"]),
+    url,
     caFile: resolveCaFile(flags["amqp-ca"]),
+    owners: {
+      admins: adminsFrom(repeatedValues(rawArgs, "admin")),
+      userMaxVms:
+        flags["user-max-vms"] === undefined
+          ? null
+          : integerArg("user-max-vms", flags["user-max-vms"], { min: 0, max: 1_000_000 }),
+      userMaxMemory:
+        flags["user-max-memory"] === undefined
+          ? null
+          : integerArg("user-max-memory", flags["user-max-memory"], { min: 0, max: 1024 ** 3 }),
+      // VMs made before VMs had owners stay with the user the agents connect as.
+      legacyOwner: brokerUser(brokerUrls(url)[0] ?? url),
+    },
   };
 };

@@ -254,6 +254,22 @@ export const agentArgs = {
       "Address clients are told to reach forwarded ports at (default: the publish address, or this host's name for 0.0.0.0)",
     valueHint: "host",
   },
+  admin: {
+    type: "string",
+    description:
+      "A broker user who sees and acts on every VM and whom no quota limits (repeat for more)",
+    valueHint: "user",
+  },
+  "user-max-vms": {
+    type: "string",
+    description: "Most VMs one broker user keeps on this host (default: no limit)",
+    valueHint: "n",
+  },
+  "user-max-memory": {
+    type: "string",
+    description: "Most MiB of VM memory one broker user reserves on this host (default: no limit)",
+    valueHint: "MiB",
+  },
   restore: {
     type: "enum",
     options: ["running", "none"],

@@ -66,11 +66,25 @@ export const vmTable = (successes: From<VmRecord[]>): string => {
     (a, b) => a.host.localeCompare(b.host) || a["created-at"].localeCompare(b["created-at"]),
   );
   if (records.length === 0) return `No VMs on ${successes.length} host(s).`;
+  // Only an administrator sees VMs of several users: then say whose each is.
+  const owners = new Set(records.map((vm) => vm.owner));
+  const byOwner = owners.size > 1;
   return table(
-    ["VM ID", "HOST", "STATUS", "IMAGE", "MEMORY", "CPUS", "SSH PORT", "CREATED"],
+    [
+      "VM ID",
+      "HOST",
+      ...(byOwner ? ["OWNER"] : []),
+      "STATUS",
+      "IMAGE",
+      "MEMORY",
+      "CPUS",
+      "SSH PORT",
+      "CREATED",
+    ],
     records.map((vm) => [
       vm["vm-id"],
       vm.host,
+      ...(byOwner ? [ownerText(vm.owner)] : []),
       vm.status,
       vm.image,
       mib(vm.memory),
@@ -80,6 +94,10 @@ export const vmTable = (successes: From<VmRecord[]>): string => {
     ]),
   );
 };
+
+/** A VM's owner as people read it: a broker user, the anonymous user, or one of before owners. */
+const ownerText = (owner: string | null | undefined): string =>
+  owner === undefined ? "- (the agents' user)" : owner === null ? "(anonymous)" : owner;
 
 const sshForward = (forwards: Forward[] | undefined): Forward | undefined =>
   forwards?.find((forward) => forward.guest === SSH_GUEST_PORT);
@@ -120,6 +138,7 @@ export const vmDetails = (successes: From<VmInfo>): string =>
         ["disk-size", diskSizeText(vm)],
         ["snapshots", snapshotNamesText(vm.snapshots)],
         ["console-log", vm["console-log"] ?? "-"],
+        ["owner", ownerText(vm.owner)],
         ["created-at", timeText(vm["created-at"])],
         ["updated-at", timeText(vm["updated-at"])],
       ];

@@ -6,5 +6,5 @@ import { agentArgs } from "../cli/args.ts";
 export default defineCommand({
   meta: { name: "agent", description: "Run this host's agent: serve VM commands from the broker" },
   args: agentArgs,
-  run: ({ args }) => runAgent(agentConfigFrom(args)),
+  run: ({ args, rawArgs }) => runAgent(agentConfigFrom(args, rawArgs)),
 });

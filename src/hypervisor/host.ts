@@ -68,7 +68,26 @@ export type HostOptions = {
   network?: Partial<HostNetwork>;
   /** After a host reboot: start again the VMs that ran ("running", the default), or leave them stopped. */
   restore?: RestorePolicy;
+  /** Who may see and act on which VM, and how much each user may have here. */
+  owners?: Partial<OwnerPolicy>;
 };
+
+export type OwnerPolicy = {
+  /** Broker users who see and act on every VM, and whom no quota limits. */
+  admins: readonly string[];
+  /** Most VMs one user keeps on this host; null for no limit. */
+  userMaxVms: number | null;
+  /** Most MiB of memory one user's VMs reserve on this host; null for no limit. */
+  userMaxMemory: number | null;
+  /**
+   * The owner of the VMs made before VMs had owners: the agent's own broker
+   * user, so that where everyone is one user (guest) nothing changes.
+   */
+  legacyOwner: string | null;
+};
+
+/** The key of a user in the usage map (null is the anonymous user). */
+const userKey = (user: string | null): string => (user === null ? "" : `u:${user}`);
 
 /** VMs started again at once after a reboot: enough to be quick, few enough not to starve each other's boot. */
 const RESTORE_AT_ONCE = 4;
@@ -94,6 +113,8 @@ export type RequestContext = {
   claim?: ((vmId: string) => Promise<void>) | undefined;
   /** When the client stops waiting (ms since the epoch): work not begun by then is refused. */
   deadline?: number | undefined;
+  /** The broker user the new VM belongs to (null: anonymous); undefined leaves it to the legacy owner. */
+  owner?: string | null | undefined;
   /**
    * What the request asked and who asked it, hashed: a repeat of a message id
    * must ask the same, or it is refused rather than given the first VM.
@@ -129,7 +150,12 @@ export class Host {
    */
   private readonly busy = new Map<string, { what: string; done: Promise<unknown> }>();
   private used = { vms: 0, memory: 0 };
+  /** What each user's VMs here take, by userKey(). */
+  private readonly usedBy = new Map<string, { vms: number; memory: number }>();
+  private readonly owners: OwnerPolicy;
   private listCache: RawJson | null = null;
+  /** Each user's own list, made again when the whole list has changed. */
+  private readonly userLists = new Map<string, { whole: string; list: RawJson }>();
   private readonly ports: PortAllocator;
   private readonly publishAddress: string;
   private readonly advertiseAddress: string;
@@ -143,6 +169,12 @@ export class Host {
     this.store = store;
     this.driver = options.driver;
     this.images = new ImageStore(options.imagesDir);
+    this.owners = {
+      admins: options.owners?.admins ?? [],
+      userMaxVms: options.owners?.userMaxVms ?? null,
+      userMaxMemory: options.owners?.userMaxMemory ?? null,
+      legacyOwner: options.owners?.legacyOwner ?? null,
+    };
     for (const record of store.all()) this.account(record, 1);
     this.publishAddress = options.network?.publishAddress ?? DEFAULT_PUBLISH_ADDRESS;
     this.advertiseAddress = options.network?.advertiseAddress ?? this.publishAddress;
@@ -188,11 +220,45 @@ export class Host {
     return this.store.all().map((record) => record["vm-id"]);
   }
 
-  /** The VM list, as one object for as long as the store does not change, so its bytes can be reused. */
-  list(): RawJson {
+  /**
+   * The VM list `user` may see (every VM for an administrator, or when no user
+   * is named), as one object for as long as the store does not change, so its
+   * bytes can be reused.
+   */
+  list(user?: string | null): RawJson {
     const json = this.store.listJson();
-    if (this.listCache?.json !== json) this.listCache = new RawJson(json);
-    return this.listCache;
+    if (user === undefined || this.isAdmin(user)) {
+      if (this.listCache?.json !== json) this.listCache = new RawJson(json);
+      return this.listCache;
+    }
+    const key = userKey(user);
+    const cached = this.userLists.get(key);
+    if (cached?.whole === json) return cached.list;
+    const list = new RawJson(this.store.listJsonWhere((record) => this.ownerOf(record) === user));
+    // Bounded by the users who listed since the last change, each one list.
+    if (cached === undefined && this.userLists.size >= 1024) this.userLists.clear();
+    this.userLists.set(key, { whole: json, list });
+    return list;
+  }
+
+  /**
+   * Refuses a command for a VM that `user` does not own (unless an
+   * administrator) with the very answer an unknown VM gets: nobody learns
+   * that another user's VM id exists.
+   */
+  authorize(vmId: string, user: string | null): void {
+    const record = this.store.get(vmId);
+    if (record === undefined || !(this.isAdmin(user) || this.ownerOf(record) === user)) {
+      throw new CommandError(Reasons.vmDoesNotExist);
+    }
+  }
+
+  private isAdmin(user: string | null): boolean {
+    return user !== null && this.owners.admins.includes(user);
+  }
+
+  private ownerOf(record: VmRecord): string | null {
+    return record.owner === undefined ? this.owners.legacyOwner : record.owner;
   }
 
   async info(): Promise<HostInfo> {
@@ -305,11 +371,11 @@ export class Host {
     }
     await this.images.resolve(options.image);
     // Checked before ports are probed too, so a full host declines without probing.
-    this.assertCapacity(options.memory);
+    this.assertCapacity(options.memory, context.owner);
     const forwards = await this.ports.allocate(portRequests(options.publish), this.portsInUse());
     try {
       // From here to put() nothing awaits, so two creates cannot both take the last slot.
-      this.assertCapacity(options.memory);
+      this.assertCapacity(options.memory, context.owner);
       assertInTime(context.deadline, "create-vm");
       return this.putNewVm(options, context, forwards);
     } finally {
@@ -343,6 +409,7 @@ export class Host {
       ...(options["init-script"] === undefined ? {} : { "init-script": true }),
       ...(context.requestId === undefined ? {} : { "request-id": context.requestId }),
       ...(context.digest === undefined ? {} : { "request-digest": context.digest }),
+      ...(context.owner === undefined ? {} : { owner: context.owner }),
       forwards,
       isolated: options.isolated,
     };
@@ -823,7 +890,8 @@ export class Host {
     return done;
   }
 
-  private assertCapacity(memory: number): void {
+  /** Room for one more VM of `memory` MiB on this host, and within its owner's quota here. */
+  private assertCapacity(memory: number, owner: string | null | undefined): void {
     const { maxVms, maxMemory } = this.options;
     if (
       (maxVms !== null && this.used.vms + 1 > maxVms) ||
@@ -831,10 +899,24 @@ export class Host {
     ) {
       throw new DeclineError("capacity", Reasons.noCapacity);
     }
+    if (owner === undefined || this.isAdmin(owner)) return;
+    const { userMaxVms, userMaxMemory } = this.owners;
+    const used = this.usedBy.get(userKey(owner)) ?? { vms: 0, memory: 0 };
+    if (
+      (userMaxVms !== null && used.vms + 1 > userMaxVms) ||
+      (userMaxMemory !== null && used.memory + memory > userMaxMemory)
+    ) {
+      throw new DeclineError("quota", Reasons.quotaReached(owner));
+    }
   }
 
   private account(record: VmRecord, sign: 1 | -1): void {
     this.used = { vms: this.used.vms + sign, memory: this.used.memory + sign * record.memory };
+    const key = userKey(this.ownerOf(record));
+    const mine = this.usedBy.get(key) ?? { vms: 0, memory: 0 };
+    const next = { vms: mine.vms + sign, memory: mine.memory + sign * record.memory };
+    if (next.vms <= 0) this.usedBy.delete(key);
+    else this.usedBy.set(key, next);
   }
 
   private async markCrashed(vmId: string, reason: string): Promise<void> {

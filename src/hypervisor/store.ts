@@ -335,6 +335,15 @@ export class StateStore {
     return this.list;
   }
 
+  /** The records `keep` keeps, as one JSON array (made anew at each call). */
+  listJsonWhere(keep: (record: VmRecord) => boolean): string {
+    const kept: string[] = [];
+    for (const [vmId, record] of this.vms) {
+      if (keep(record)) kept.push(this.serialized.get(vmId) as string);
+    }
+    return `[${kept.join(",")}]`;
+  }
+
   /**
    * Resolves once every change made with put() and remove() before the call is
    * on disk. When the write fails it rejects, the changes stay in memory, and

@@ -136,6 +136,12 @@ export const VmRecord = v.object({
   "request-id": v.optional(v.string()),
   /** A hash of who sent the create and what it asked: a repeat must match it. */
   "request-digest": v.optional(v.string()),
+  /**
+   * The broker user that created it, as RabbitMQ validated its `user_id`; null
+   * for a request without one (the anonymous user). Absent on a VM made before
+   * VMs had owners: it belongs to the agent's own broker user.
+   */
+  owner: v.optional(v.nullable(v.string())),
   "last-error": v.optional(v.string()),
   /** Host ports forwarded to the guest: its SSH port (guest 22) first. */
   forwards: v.optional(v.array(Forward)),
@@ -370,6 +376,8 @@ export const Reasons = {
   vmDoesNotExist: "VM does not exist",
   noCapacity: "No host has capacity for this VM",
   imageDoesNotExist: (image: string) => `Image "${image}" does not exist`,
+  quotaReached: (user: string | null) =>
+    `Quota reached for ${user === null ? "the anonymous user" : `user "${user}"`} on every host that could take this VM: delete one of your VMs, or ask an administrator for a larger quota (--user-max-vms, --user-max-memory)`,
 } as const;
 
 /** A command's options checked against its schema, or the reason they are wrong. */

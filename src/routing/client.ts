@@ -23,6 +23,12 @@ export type ClientOptions = {
   /** How long to wait for answers; also the messages' expiration. */
   timeoutMs: number;
   caFile?: string | undefined;
+  /**
+   * Act for this broker user (its `user_id` on every request) rather than the
+   * one logged in as: only a user with RabbitMQ's `impersonator` tag may (the
+   * gateway acting for its token's user).
+   */
+  actAs?: string | undefined;
 };
 
 export type Gathered = {
@@ -248,7 +254,7 @@ export class Client {
           correlationId: id,
           messageId: options.messageId ?? id,
           // Checked by the broker against the user we logged in as.
-          userId: brokerUser(this.connectedUrl),
+          userId: this.options.actAs ?? brokerUser(this.connectedUrl),
           // Kept on disk (quorum queues keep every message anyway): a command
           // must not be lost with a broker node that restarts.
           persistent: true,
@@ -298,7 +304,15 @@ export class Client {
         ? this.noAgents()
         : failure === "access-refused"
           ? brokerError(cause, redactUrl(this.connectedUrl))
-          : this.lost();
+          : failure === "precondition-failed" && cause !== null
+            ? new BrokerError(
+                `The RabbitMQ broker at ${redactUrl(this.connectedUrl)} refused the command: ${parseBrokerError(cause).text}`,
+                {
+                  failure,
+                  hint: "Only a broker user with the impersonator tag may act for another user.",
+                },
+              )
+            : this.lost();
     for (const pending of [...this.pending.values()]) pending.fail(error);
   }
 

@@ -153,6 +153,12 @@ type Session = {
   url: string;
   /** The broker user it logged in as: its forwards carry it as their `user_id`. */
   user: string;
+  /**
+   * Whether that user has RabbitMQ's `impersonator` tag (tried at connect):
+   * then a forward keeps its sender's own `user_id`, validated by the broker
+   * for every agent alike, rather than a header only agents of our own user believe.
+   */
+  impersonates: boolean;
   consume: Channel;
   publish: ConfirmChannel;
   ops: Channel;
@@ -182,6 +188,32 @@ const CARRIED_PROPERTIES = [
 
 const carriedProperties = (msg: ConsumeMessage): Options.Publish =>
   Object.fromEntries(CARRIED_PROPERTIES.map((key) => [key, msg.properties[key]]));
+
+/**
+ * Whether this connection's user may publish with another user's `user_id`
+ * (RabbitMQ's `impersonator` tag): a message with a made-up user_id to a queue
+ * that does not exist is dropped if so, and closes its channel if not.
+ */
+const canImpersonate = async (model: ChannelModel): Promise<boolean> => {
+  const channel = await model.createConfirmChannel();
+  channel.on("error", () => undefined);
+  try {
+    await publishConfirmed(
+      channel,
+      "",
+      `aetherscale-nowhere-${crypto.randomUUID()}`,
+      Buffer.alloc(0),
+      {
+        userId: "aetherscale-impersonation-check",
+      },
+    );
+    return true;
+  } catch {
+    return false;
+  } finally {
+    await channel.close().catch(() => undefined);
+  }
+};
 
 /** A broker error as the agent tells it: a refusal is the agent's user lacking a permission. */
 const agentError = (caught: unknown, where: string): BrokerError => {
@@ -367,6 +399,7 @@ export class AgentConsumer {
         model,
         url,
         user: brokerUser(url),
+        impersonates: await canImpersonate(model),
         consume,
         publish,
         ops,
@@ -581,16 +614,21 @@ export class AgentConsumer {
     msg: ConsumeMessage,
     headers?: Record<string, unknown>,
   ): Options.Publish {
-    return {
-      ...carriedProperties(msg),
-      // A command handed on must survive a broker restart as its sender's did.
-      persistent: true,
-      userId: session.user,
-      headers: {
-        ...(headers ?? msg.properties.headers),
-        [ORIGIN_USER_HEADER]: this.senderOf(msg) ?? "",
-      },
-    };
+    const sender = this.senderOf(msg);
+    const carried = headers ?? msg.properties.headers ?? {};
+    const { [ORIGIN_USER_HEADER]: _vouched, ...rest } = carried;
+    // A command handed on must survive a broker restart as its sender's did.
+    const options: Options.Publish = { ...carriedProperties(msg), persistent: true };
+    if (sender === session.user || session.impersonates) {
+      // The sender's own user_id (none for the anonymous user), which the broker checks.
+      if (sender === undefined) delete options.userId;
+      else options.userId = sender;
+      options.headers = rest;
+    } else {
+      options.userId = session.user;
+      options.headers = { ...rest, [ORIGIN_USER_HEADER]: sender ?? "" };
+    }
+    return options;
   }
 
   /**

@@ -167,12 +167,15 @@ const plan = async (flags: ServiceInstallFlags, rawArgs: string[]): Promise<Plan
   const broker = await brokerChoice(flags, envFile);
   // The agent's own checks (host id, numbers, addresses, room for sockets), now
   // rather than at the service's first start.
-  const config = agentConfigFrom({
-    ...flags,
-    "state-dir": stateDir,
-    "images-dir": imagesDir,
-    "amqp-url": "url" in broker ? broker.url : undefined,
-  });
+  const config = agentConfigFrom(
+    {
+      ...flags,
+      "state-dir": stateDir,
+      "images-dir": imagesDir,
+      "amqp-url": "url" in broker ? broker.url : undefined,
+    },
+    rawArgs,
+  );
   const command = selfCommand().map((path) => unitPath("the executable's path", path));
   const unitText = agentUnit({
     hostId: config.hostId,

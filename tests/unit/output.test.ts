@@ -78,6 +78,25 @@ describe("vm list", () => {
     );
   });
 
+  test("an administrator's list, with VMs of several users: whose each VM is", () => {
+    const mixed = outcomeOf("list-vms", [
+      hostOk("h1", [
+        { ...record("aaaaaaaa", "h1", "2024-01-01T00:00:00.000Z"), owner: "alice" },
+        { ...record("bbbbbbbb", "h1", "2024-01-02T00:00:00.000Z"), owner: null },
+        record("cccccccc", "h1", "2024-01-03T00:00:00.000Z"),
+      ]),
+    ]);
+    expect(report(mixed, { ...human, view: vmTable }).stdout).toBe(
+      [
+        "VM ID     HOST  OWNER                 STATUS   IMAGE  MEMORY  CPUS  SSH PORT  CREATED",
+        "aaaaaaaa  h1    alice                 running  base   2 GiB   2     -         2024-01-01T00:00:00Z",
+        "bbbbbbbb  h1    (anonymous)           running  base   2 GiB   2     -         2024-01-02T00:00:00Z",
+        "cccccccc  h1    - (the agents' user)  running  base   2 GiB   2     -         2024-01-03T00:00:00Z",
+        "",
+      ].join("\n"),
+    );
+  });
+
   test("--json: the tutorial's array of replies as the hosts sent them", () => {
     const out = report(list, { ...json, view: vmTable });
     expect(JSON.parse(out.stdout)).toEqual(list.replies.map((reply) => reply.raw));
