@@ -10,6 +10,7 @@ import {
   type CommandName,
   CREATE_COMMAND,
   checkResponse,
+  Reasons,
   type Request,
   type Response,
   type VM_COMMANDS,
@@ -24,6 +25,13 @@ import { COMPETING_QUEUE, LIVE_QUEUE } from "./routing/topology.ts";
 const log = logger.withTag("client");
 
 export type { ClientOptions } from "./routing/client.ts";
+
+/**
+ * Per request, over the connection's settings: the broker user to act for
+ * (an impersonator's connection serving many users, as the gateway's does)
+ * and how long to wait for it.
+ */
+export type RequestAs = { actAs?: string | undefined; timeoutMs?: number | undefined };
 
 export type VmCommand = (typeof VM_COMMANDS)[number];
 export type BroadcastCommand = "list-vms" | "list-hosts";
@@ -152,28 +160,44 @@ export class FleetClient {
     return this.client.url;
   }
 
+  /** False once the broker connection closed: nothing more can be sent on it. */
+  get isOpen(): boolean {
+    return this.client.isOpen;
+  }
+
   /** How many agents are live (connected to the broker) right now. */
   liveAgents(): Promise<number> {
     return this.client.liveAgents();
   }
 
   /** A command for one VM, to the one host that holds it (`vm.<id>`, mandatory). */
-  async toVm<C extends VmCommand>(request: Request<C>): Promise<Outcome<C>> {
+  async toVm<C extends VmCommand>(request: Request<C>, as: RequestAs = {}): Promise<Outcome<C>> {
     const vmId = request.options["vm-id"];
     const route = vmRoute(vmId);
     log.debug(
       `sending ${request.command} by route ${route} (to the one host that holds VM ${vmId})`,
     );
     const gathered = await this.client
-      .send(encode(request), route, { expect: 1, mandatory: true })
+      .send(encode(request), route, { expect: 1, mandatory: true, ...as })
       .catch(unknownOutcome);
-    return { ...outcome(request.command, gathered), vmId };
+    const result = { ...outcome(request.command, gathered), vmId };
+    // Another user's VM is told as one no host holds (its host's name and the
+    // reply itself would say it exists): the caller cannot tell them apart.
+    const [only] = result.replies;
+    if (
+      result.replies.length === 1 &&
+      only?.ok === false &&
+      only.reason === Reasons.vmDoesNotExist
+    ) {
+      return { ...result, replies: [], unrouted: true };
+    }
+    return result;
   }
 
   /** A create-vm to the competing queue: the first host with the image and room takes it. */
   async create(
     request: Request<typeof CREATE_COMMAND>,
-    options: { messageId?: string } = {},
+    options: { messageId?: string } & RequestAs = {},
   ): Promise<Outcome<typeof CREATE_COMMAND>> {
     if ((await counted(this.client.liveAgents(), performance.now())) === 0) {
       throw this.client.noAgents();
@@ -195,6 +219,7 @@ export class FleetClient {
   async gather<C extends BroadcastCommand>(
     request: Request<C>,
     knownHosts: string[] = [],
+    as: RequestAs = {},
   ): Promise<Outcome<C>> {
     // The count of live agents is read while the request is already on its
     // way: the same agents answer, and the round trip is off the critical path.
@@ -203,6 +228,7 @@ export class FleetClient {
       .send(encode(request), request.command, {
         expect: counted(this.client.liveAgents(), performance.now()),
         mandatory: false,
+        ...as,
       })
       .catch(unknownOutcome);
     const result = outcome(request.command, gathered);

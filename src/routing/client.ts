@@ -51,6 +51,13 @@ export type SendOptions = {
   mandatory: boolean;
   /** Sent as the message id (e.g. a retry's); a fresh one otherwise. */
   messageId?: string;
+  /**
+   * Act for this broker user on this request alone (its `user_id`), over the
+   * connection's `actAs`: the gateway serves many users on one connection.
+   */
+  actAs?: string | undefined;
+  /** How long to wait for answers to this request (also its expiration); the client's otherwise. */
+  timeoutMs?: number | undefined;
 };
 
 type Pending = {
@@ -143,6 +150,11 @@ export class Client {
     return this.options.timeoutMs;
   }
 
+  /** False once the connection or its channel closed: a long-lived user (the gateway) connects again. */
+  get isOpen(): boolean {
+    return !this.closed;
+  }
+
   /** How many agents are connected right now: one per live host (0 before any agent declared the topology). */
   async liveAgents(): Promise<number> {
     const counting = countLiveAgents(this.checks).catch(() => {
@@ -208,6 +220,7 @@ export class Client {
     const id = crypto.randomUUID();
     if (this.closed) return Promise.reject(this.lost());
     const { expect, mandatory } = options;
+    const timeoutMs = options.timeoutMs ?? this.options.timeoutMs;
     return new Promise<Gathered>((resolve, reject) => {
       const bodies: Buffer[] = [];
       const elapsedMs: number[] = [];
@@ -231,7 +244,7 @@ export class Client {
         clearTimeout(timer);
         this.pending.delete(id);
       };
-      const timer = setTimeout(() => pending.done(false), this.options.timeoutMs);
+      const timer = setTimeout(() => pending.done(false), timeoutMs);
       this.pending.set(id, pending);
       if (typeof expect !== "number") {
         expect.then(
@@ -254,14 +267,14 @@ export class Client {
           correlationId: id,
           messageId: options.messageId ?? id,
           // Checked by the broker against the user we logged in as.
-          userId: this.options.actAs ?? brokerUser(this.connectedUrl),
+          userId: options.actAs ?? this.options.actAs ?? brokerUser(this.connectedUrl),
           // Kept on disk (quorum queues keep every message anyway): a command
           // must not be lost with a broker node that restarts.
           persistent: true,
           // The queue honours the expiration; the agent honours the deadline,
           // also for a message it has taken but not yet begun.
-          expiration: String(this.options.timeoutMs),
-          headers: { [DEADLINE_HEADER]: Date.now() + this.options.timeoutMs },
+          expiration: String(timeoutMs),
+          headers: { [DEADLINE_HEADER]: Date.now() + timeoutMs },
           mandatory,
         },
         (error: unknown) => {
