@@ -21,6 +21,7 @@ import { resolve } from "node:path";
 import { figure5 } from "./figures/cli.ts";
 import { figure9 } from "./figures/cluster.ts";
 import { figure3 } from "./figures/create.ts";
+import { figure10 } from "./figures/gateway.ts";
 import { figure2 } from "./figures/gather.ts";
 import { figure8 } from "./figures/guest.ts";
 import { figure7 } from "./figures/memory.ts";
@@ -44,6 +45,7 @@ const FIGURES: Figure[] = [
   figure7,
   figure8,
   figure9,
+  figure10,
 ];
 
 type Args = {

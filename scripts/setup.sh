@@ -24,7 +24,8 @@ bash scripts/install-qemu.sh
 # namespace of its own; openssl makes the certificates of the TLS test;
 # openssh-client (ssh, ssh-keygen) logs into guests; mmdebstrap, fdisk
 # (sfdisk), e2fsprogs (mkfs.ext4) and grub-pc-bin (grub-mkimage, boot.img)
-# build the guest image (scripts/build-guest-image.sh).
+# build the guest image (scripts/build-guest-image.sh); Debian's chromium is
+# the real browser the web console's test drives (tests/console-browser.test.ts).
 missing_packages=()
 want() { # want COMMAND-OR-PATH PACKAGE
   if [ -e "$1" ] || command -v "$1" >/dev/null 2>&1; then return 0; fi
@@ -39,6 +40,7 @@ want /usr/sbin/sfdisk fdisk
 want /usr/sbin/mkfs.ext4 e2fsprogs
 want grub-mkimage grub-common
 want /usr/lib/grub/i386-pc/boot.img grub-pc-bin
+want chromium chromium
 if [ "${#missing_packages[@]}" -gt 0 ]; then
   read -r -a missing_packages <<<"$(printf '%s\n' "${missing_packages[@]}" | sort -u | tr '\n' ' ')"
   if command -v apt-get >/dev/null 2>&1; then

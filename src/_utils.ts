@@ -157,3 +157,22 @@ export const writeFileAtomic = async (path: string, data: string): Promise<void>
     await directory.close();
   }
 };
+
+/**
+ * The first SIGINT or SIGTERM from now on: what ends a long-running command
+ * (agent, gateway, events). `cancel` stops listening without one.
+ */
+export const nextSignal = (): { received: Promise<NodeJS.Signals>; cancel(): void } => {
+  const got = deferred<NodeJS.Signals>();
+  const cancel = () => {
+    process.off("SIGINT", on);
+    process.off("SIGTERM", on);
+  };
+  const on = (signal: NodeJS.Signals) => {
+    cancel();
+    got.resolve(signal);
+  };
+  process.on("SIGINT", on);
+  process.on("SIGTERM", on);
+  return { received: got.promise, cancel };
+};

@@ -29,12 +29,13 @@ type Permissions = { configure: string; write: string; read: string };
  * `computing` (write on the exchange). Claiming a create's route for the
  * fleet declares and deletes an exclusive `computing-claim-<route>` (configure).
  * Being counted as live is consuming the transient `computing-live`, which an
- * agent declares again (configure, read) when its node goes.
+ * agent declares again (configure, read) when its node goes. Events go to the
+ * topic exchange `computing-events` (configure, write).
  */
 const AGENT: Permissions = {
   configure:
-    "^(computing|computing-competing|computing-live|computing-host-.+|computing-claim-.+)$",
-  write: "^(computing|computing-competing|computing-host-.+|amq\\.default)$",
+    "^(computing|computing-competing|computing-live|computing-events|computing-host-.+|computing-claim-.+)$",
+  write: "^(computing|computing-competing|computing-events|computing-host-.+|amq\\.default)$",
   read: "^(computing|computing-competing|computing-live|computing-host-.+)$",
 };
 
@@ -42,8 +43,8 @@ const AGENT: Permissions = {
 const agentFor = (hostId: string): Permissions => {
   const own = `computing-host-${hostId.replaceAll(".", "\\.")}`;
   return {
-    configure: `^(computing|computing-competing|computing-live|${own}|computing-claim-.+)$`,
-    write: `^(computing|computing-competing|${own}|amq\\.default)$`,
+    configure: `^(computing|computing-competing|computing-live|computing-events|${own}|computing-claim-.+)$`,
+    write: `^(computing|computing-competing|computing-events|${own}|amq\\.default)$`,
     read: `^(computing|computing-competing|computing-live|${own})$`,
   };
 };

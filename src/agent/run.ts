@@ -1,7 +1,7 @@
 // One host's agent: its hypervisor wired to the routing consumer through the
 // protocol adapter, stopped cleanly on SIGINT/SIGTERM (no new messages,
 // in-flight ones finished, VMs left running).
-import { messageOf } from "../_utils.ts";
+import { messageOf, nextSignal } from "../_utils.ts";
 import { HypervisorError } from "../errors.ts";
 import type { VmDriver } from "../hypervisor/driver.ts";
 import { FakeDriver } from "../hypervisor/drivers/fake.ts";
@@ -9,7 +9,9 @@ import { Host, type HostNetwork, type OwnerPolicy } from "../hypervisor/host.ts"
 import { type AccelChoice, DEFAULT_QEMU_IMG, findExecutable } from "../hypervisor/qemu-tools.ts";
 import type { RestorePolicy } from "../hypervisor/restore.ts";
 import { logger } from "../log.ts";
+import { hostEvent } from "../protocol/events.ts";
 import { AgentConsumer } from "../routing/consumer.ts";
+import { EventPublisher } from "../routing/events.ts";
 import { VERSION } from "../version.ts";
 import { agentTopology, HostHandler } from "./handler.ts";
 import { noticeShutdownWait } from "./shutdown-notice.ts";
@@ -79,22 +81,13 @@ const reportImages = async (host: Host, config: AgentConfig): Promise<void> => {
   );
 };
 
-const waitForSignal = (): Promise<string> =>
-  new Promise((resolveSignal) => {
-    const on = (signal: NodeJS.Signals) => {
-      process.off("SIGINT", on);
-      process.off("SIGTERM", on);
-      resolveSignal(signal);
-    };
-    process.on("SIGINT", on);
-    process.on("SIGTERM", on);
-  });
-
 /** Runs the agent until SIGINT or SIGTERM. */
 export const runAgent = async (config: AgentConfig): Promise<void> => {
   const { hostId } = config;
-  const signal = waitForSignal();
+  const signal = nextSignal().received;
   const driver = await makeDriver(config);
+  // Before the host opens: what it finds at start (a VM that died meanwhile) is an event too.
+  const events = new EventPublisher({ url: config.url, caFile: config.caFile, hostId });
   const host = await Host.open({
     hostId,
     stateDir: config.stateDir,
@@ -107,6 +100,7 @@ export const runAgent = async (config: AgentConfig): Promise<void> => {
     network: config.network,
     restore: config.restore,
     owners: config.owners,
+    onEvent: (event) => events.publish(event),
   });
   const { portRange, publishAddress, advertiseAddress } = config.network;
   log.info(
@@ -124,12 +118,19 @@ export const runAgent = async (config: AgentConfig): Promise<void> => {
   handler.brokerLink = () => consumer.connectedTo();
   let stopNotices: () => void = () => undefined;
   try {
-    await Promise.race([consumer.start(), signal]);
+    // The events exchange is declared before the agent says it is ready, so
+    // a subscriber started then finds it; a broker that refuses it only costs events.
+    await Promise.race([Promise.all([consumer.start(), events.start()]), signal]);
+    events.publish(hostEvent("host.up", hostId, VERSION));
     log.ready(`agent ${hostId} is ready (aetherscale ${VERSION})`);
-    stopNotices = noticeShutdownWait(host, await signal, config.stopTimeoutMs);
+    const received = await signal;
+    events.publish(hostEvent("host.down", hostId, VERSION));
+    stopNotices = noticeShutdownWait(host, received, config.stopTimeoutMs);
   } finally {
     await consumer.stop();
     await host.close();
+    // Last: the VM changes that finish while the agent stops are events too.
+    await events.close();
     stopNotices();
   }
   log.success(`agent ${hostId} stopped`);

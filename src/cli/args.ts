@@ -279,6 +279,43 @@ export const agentArgs = {
   },
 } as const satisfies ArgsDef;
 
+export const gatewayArgs = {
+  ...connectionArgs,
+  listen: {
+    type: "string",
+    description:
+      "Address and port to serve on (default 127.0.0.1:8080; port 0 takes a free one); beyond loopback only with --token-file",
+    valueHint: "addr:port",
+  },
+  "token-file": {
+    type: "string",
+    description:
+      'File of bearer tokens, one "TOKEN USER" per line (mode 600): each token acts for that broker user',
+    valueHint: "file",
+  },
+  "tls-cert": {
+    type: "string",
+    description: "PEM certificate to serve HTTPS with (with --tls-key)",
+    valueHint: "file",
+  },
+  "tls-key": {
+    type: "string",
+    description: "PEM private key of --tls-cert",
+    valueHint: "file",
+  },
+  "cors-origin": {
+    type: "string",
+    description:
+      "Origins whose pages may call the API from a browser, comma-separated (default: none, no CORS headers)",
+    valueHint: "origin",
+  },
+  timeout: {
+    type: "string",
+    description: "Seconds to wait for the hosts' answers (default 10 for reads, 90 for changes)",
+    valueHint: "seconds",
+  },
+} as const satisfies ArgsDef;
+
 export type ConnectionFlags = { "amqp-url"?: string; "amqp-ca"?: string };
 export type ClientFlags = ConnectionFlags & { timeout?: string; json?: boolean };
 /** `--wait` and its limit, as `vm create` and `vm start` take them. */

@@ -51,6 +51,8 @@ export const commands: SubCommandsDef = table({
   vm,
   hosts: () => import("./hosts.ts").then((m) => m.default),
   images: () => import("./images.ts").then((m) => m.default),
+  events: () => import("./events.ts").then((m) => m.default),
+  gateway: () => import("./gateway.ts").then((m) => m.default),
   service: () => import("./service.ts").then((m) => m.default),
   "create-vm": tutorial("create-vm"),
   "list-vms": tutorial("list-vms"),

@@ -1,10 +1,16 @@
 // A host's VMs: ids, records, capacity, image checks and the lifecycle, shared
 // by every driver. It knows no broker: the agent command hands it requests.
 import { join } from "node:path";
-import { KeyedLock, messageOf } from "../_utils.ts";
+import { KeyedLock, messageOf, sleep } from "../_utils.ts";
 import { CommandError, DeclineError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { RawJson } from "../protocol/envelope.ts";
+import {
+  type Event,
+  type SnapshotEventKind,
+  type VmEventKind,
+  vmEvent,
+} from "../protocol/events.ts";
 import {
   type ConsoleTail,
   type CreateSnapshotOptions,
@@ -70,6 +76,12 @@ export type HostOptions = {
   restore?: RestorePolicy;
   /** Who may see and act on which VM, and how much each user may have here. */
   owners?: Partial<OwnerPolicy>;
+  /**
+   * Told of each change of a VM's state once it is on disk (a change the disk
+   * refuses for now is told once the store has written it), in order: the
+   * agent publishes them. Never awaited: it must not throw or block.
+   */
+  onEvent?: ((event: Event) => void) | undefined;
 };
 
 export type OwnerPolicy = {
@@ -162,6 +174,9 @@ export class Host {
   /** The VMs a reboot left to start again, being started in the background; resolved when none are left. */
   private restoring: Promise<void> = Promise.resolve();
   private closing = false;
+  /** Events whose change is not on disk yet, in order: told once the store has written it. */
+  private readonly unwritten: Event[] = [];
+  private writingEvents: Promise<void> | null = null;
 
   private constructor(options: HostOptions, store: StateStore) {
     this.id = options.hostId;
@@ -429,6 +444,7 @@ export class Host {
         // Thrown as it is, not as a CommandError: the routing layer then unbinds the claimed route.
         throw error;
       }
+      this.announce("vm.creating", id);
       return this.boot(record, options);
     });
   }
@@ -452,6 +468,7 @@ export class Host {
         );
       });
       await this.change(vmId, { status: "creating" });
+      this.announce("vm.creating", vmId);
       return this.boot(record, options);
     });
   }
@@ -482,6 +499,7 @@ export class Host {
       // Gone from memory at once, as from the host; from the disk as soon as it allows.
       this.forget(id);
       const note = await this.settled();
+      this.announceGone(record, note === undefined, `could not be created: ${messageOf(error)}`);
       throw new CommandError(
         `Could not create VM from image "${options.image}": ${messageOf(error)}${note === undefined ? "" : `; ${note}`}`,
       );
@@ -493,6 +511,7 @@ export class Host {
       "last-error": undefined,
       ...runFields(run),
     });
+    this.announce("vm.running", id, note === undefined);
     return { status: "starting", "vm-id": id, ...asHint(note) };
   }
 
@@ -535,6 +554,7 @@ export class Host {
       "last-error": undefined,
       ...runFields(run),
     });
+    this.announce("vm.running", vmId, note === undefined);
     return { status: "starting", "vm-id": vmId, ...asHint(note) };
   }
 
@@ -564,16 +584,19 @@ export class Host {
       this.assertSettled(record);
       // On disk before QEMU is touched: when the disk refuses it, the VM runs on as it was.
       await this.change(vmId, { status: "stopping" });
+      this.announce("vm.stopping", vmId);
       try {
         await this.driver.stop(this.spec(record), {
           kill: options.kill,
           timeoutMs: this.options.stopTimeoutMs,
         });
       } catch (error) {
-        await this.settle(vmId, { status: "running", "last-error": messageOf(error) });
+        const kept = await this.settle(vmId, { status: "running", "last-error": messageOf(error) });
+        this.announce("vm.running", vmId, kept === undefined);
         throw new CommandError(`Could not stop VM ${vmId}: ${messageOf(error)}`);
       }
       const note = await this.settle(vmId, { status: "stopped", pid: null });
+      this.announce("vm.stopped", vmId, note === undefined);
       return { status, "vm-id": vmId, ...asHint(note) };
     });
   }
@@ -588,6 +611,7 @@ export class Host {
       });
       this.forget(vmId);
       const note = await this.settled();
+      this.announceGone(record, note === undefined);
       return { status: "deleted", "vm-id": vmId, ...asHint(note) };
     });
   }
@@ -696,6 +720,8 @@ export class Host {
     name: string,
     note?: string,
   ): Promise<VmSnapshots> {
+    // Snapshots live in the VM's disk, not in the state file: done is on disk.
+    this.announce(`snapshot.${status}`, record["vm-id"], true, { snapshot: name });
     try {
       return { ...(await this.snapshotsOf(record)), status, name, ...asHint(note) };
     } catch (error) {
@@ -715,6 +741,79 @@ export class Host {
     throw new CommandError(
       `VM ${vmId} has no snapshot named "${name}"; ${names.length === 0 ? "it has none" : `its snapshots: ${names.join(", ")}`} (aetherscale vm snapshot list ${vmId})`,
     );
+  }
+
+  /**
+   * Tells of a change to the VM (its record as it is now): at once when it
+   * is on disk, else once the store has written it; in order either way.
+   */
+  private announce(
+    kind: VmEventKind | SnapshotEventKind,
+    vmId: string,
+    onDisk = true,
+    extra: { snapshot?: string } = {},
+  ): void {
+    const record = this.store.get(vmId);
+    if (this.options.onEvent === undefined || record === undefined) return;
+    this.tellWhenWritten(vmEvent(kind, record, this.ownerOf(record), extra), onDisk);
+  }
+
+  /** The event of the VM's present status. */
+  private announceStatus(vmId: string, onDisk: boolean): void {
+    const status = this.store.get(vmId)?.status;
+    if (status !== undefined) this.announce(`vm.${status}`, vmId, onDisk);
+  }
+
+  /** Tells that a VM is gone (deleted, or a create that could not finish), from its last record. */
+  private announceGone(record: VmRecord, onDisk: boolean, error?: string): void {
+    if (this.options.onEvent === undefined) return;
+    const event = vmEvent("vm.deleted", record, this.ownerOf(record), {
+      ...(error === undefined ? {} : { error }),
+    });
+    this.tellWhenWritten(event, onDisk);
+  }
+
+  private tellWhenWritten(event: Event, onDisk: boolean): void {
+    if (onDisk && this.unwritten.length === 0) {
+      this.tell(event);
+      return;
+    }
+    this.unwritten.push(event);
+    this.writingEvents ??= this.tellOnceWritten().finally(() => {
+      this.writingEvents = null;
+    });
+  }
+
+  private tell(event: Event): void {
+    try {
+      this.options.onEvent?.(event);
+    } catch (error) {
+      log.warn(`Could not hand on the event ${event.kind}: ${messageOf(error)}`);
+    }
+  }
+
+  /** Waits for the store to have written what the waiting events tell, then tells them. */
+  private async tellOnceWritten(): Promise<void> {
+    for (let delay = 250; this.unwritten.length > 0; delay = Math.min(delay * 2, 5000)) {
+      // Those waiting now: their changes were made before this flush.
+      const waiting = this.unwritten.length;
+      if (
+        await this.store.flush().then(
+          () => true,
+          () => false,
+        )
+      ) {
+        for (const event of this.unwritten.splice(0, waiting)) this.tell(event);
+        delay = 125;
+        continue;
+      }
+      if (this.closing) {
+        log.warn(`${this.unwritten.length} event(s) not told: their changes are not on disk`);
+        this.unwritten.length = 0;
+        return;
+      }
+      await sleep(delay);
+    }
   }
 
   /** Detaches from every VM (they keep running) and releases the state directory. */
@@ -925,7 +1024,8 @@ export class Host {
       if (record === undefined || record.status !== "running") return;
       log.warn(`VM ${vmId} stopped without being asked to (${reason}); marking it crashed`);
       // Kept in memory when the disk refuses it; the store says so once, and writes it later.
-      await this.settle(vmId, { status: "crashed", pid: null, "last-error": reason });
+      const note = await this.settle(vmId, { status: "crashed", pid: null, "last-error": reason });
+      this.announce("vm.crashed", vmId, note === undefined);
     }).catch((error: unknown) =>
       log.error(`Could not record that VM ${vmId} crashed: ${messageOf(error)}`),
     );
@@ -949,6 +1049,8 @@ export class Host {
     const restart: string[] = [];
     let unknownLogged = false;
     let changed = 0;
+    /** VMs whose status the agent found changed, told once that is written. */
+    const found: string[] = [];
     for (const record of this.store.all()) {
       if (record.status === "stopped" || record.status === "crashed") continue;
       const vmId = record["vm-id"];
@@ -990,6 +1092,7 @@ export class Host {
         ) {
           this.store.put({ ...next, "updated-at": now() });
           changed++;
+          if (next.status !== record.status) found.push(vmId);
         }
       });
     }
@@ -1001,6 +1104,7 @@ export class Host {
     if (changed > 0 || boot.kind === "rebooted") {
       const note = await this.settled();
       if (note !== undefined) log.warn(`What the agent found at start: ${note}`);
+      for (const vmId of found) this.announceStatus(vmId, note === undefined);
     }
     return restart;
   }
@@ -1062,6 +1166,7 @@ export class Host {
         "last-error": restoreFailed(why),
       });
       if (next !== undefined) this.store.put(next);
+      this.announce("vm.crashed", vmId, false);
       return "failed";
     }
   }

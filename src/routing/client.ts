@@ -184,7 +184,12 @@ export class Client {
       }
       return found;
     };
-    return this.bounded(live(), "looking for the silent hosts");
+    // Only names what the answers already say is missing: a connection lost
+    // meanwhile leaves them unnamed rather than failing the answers that came.
+    return this.bounded(live(), "looking for the silent hosts").catch((error: unknown) => {
+      log.debug(`could not look for the silent hosts: ${asError(error).message}`);
+      return [];
+    });
   }
 
   /** `work` on this connection, given up with a clear error after the client's timeout. */
@@ -257,32 +262,37 @@ export class Client {
           (error: unknown) => pending.fail(asError(error)),
         );
       }
-      this.channel.publish(
-        EXCHANGE,
-        routingKey,
-        body,
-        {
-          contentType: "application/json",
-          replyTo: DIRECT_REPLY_TO,
-          correlationId: id,
-          messageId: options.messageId ?? id,
-          // Checked by the broker against the user we logged in as.
-          userId: options.actAs ?? this.options.actAs ?? brokerUser(this.connectedUrl),
-          // Kept on disk (quorum queues keep every message anyway): a command
-          // must not be lost with a broker node that restarts.
-          persistent: true,
-          // The queue honours the expiration; the agent honours the deadline,
-          // also for a message it has taken but not yet begun.
-          expiration: String(timeoutMs),
-          headers: { [DEADLINE_HEADER]: Date.now() + timeoutMs },
-          mandatory,
-        },
-        (error: unknown) => {
-          // A nack: not taken (a quorum queue between two leaders, say), so it
-          // will never run. A closed channel is not one: onClosed says "lost".
-          if (error instanceof Error && error.message === NACKED) pending.fail(this.notTaken());
-        },
-      );
+      // amqplib throws on a channel that closed a moment ago: the connection is gone.
+      try {
+        this.channel.publish(
+          EXCHANGE,
+          routingKey,
+          body,
+          {
+            contentType: "application/json",
+            replyTo: DIRECT_REPLY_TO,
+            correlationId: id,
+            messageId: options.messageId ?? id,
+            // Checked by the broker against the user we logged in as.
+            userId: options.actAs ?? this.options.actAs ?? brokerUser(this.connectedUrl),
+            // Kept on disk (quorum queues keep every message anyway): a command
+            // must not be lost with a broker node that restarts.
+            persistent: true,
+            // The queue honours the expiration; the agent honours the deadline,
+            // also for a message it has taken but not yet begun.
+            expiration: String(timeoutMs),
+            headers: { [DEADLINE_HEADER]: Date.now() + timeoutMs },
+            mandatory,
+          },
+          (error: unknown) => {
+            // A nack: not taken (a quorum queue between two leaders, say), so it
+            // will never run. A closed channel is not one: onClosed says "lost".
+            if (error instanceof Error && error.message === NACKED) pending.fail(this.notTaken());
+          },
+        );
+      } catch {
+        pending.fail(this.lost());
+      }
     });
   }
 

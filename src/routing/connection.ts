@@ -167,12 +167,15 @@ export class SpareChannel {
 
   get(): Promise<Channel> {
     if (this.channel === null) {
-      const opening = this.model.createChannel().then((channel) => {
-        channel.on("error", () => undefined);
-        channel.on("close", () => this.drop(channel));
-        if (this.channel === opening) this.open = channel;
-        return channel;
-      });
+      // amqplib throws rather than rejects on a connection that has closed.
+      const opening = Promise.resolve()
+        .then(() => this.model.createChannel())
+        .then((channel) => {
+          channel.on("error", () => undefined);
+          channel.on("close", () => this.drop(channel));
+          if (this.channel === opening) this.open = channel;
+          return channel;
+        });
       opening.catch(() => {
         if (this.channel === opening) this.channel = null;
       });

@@ -27,6 +27,8 @@ const ROOT_NAMES = [
   "vm",
   "hosts",
   "images",
+  "events",
+  "gateway",
   "service",
   "create-vm",
   "list-vms",
