@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import * as v from "valibot";
-import { eventLine, filterFrom } from "../../src/commands/events.ts";
+import { eventLine, filterFrom } from "../../src/cli/events.ts";
 import { UsageError } from "../../src/errors.ts";
 import { FakeDriver } from "../../src/hypervisor/drivers/fake.ts";
 import { Host } from "../../src/hypervisor/host.ts";
