@@ -72,13 +72,43 @@ export const pollUntil = async (
   check: () => Promise<boolean> | boolean,
   deadline: Deadline,
   intervalMs: number,
+  wake?: Wake,
 ): Promise<boolean> => {
   for (;;) {
     if (await check()) return true;
     if (deadline.passed) return false;
-    await sleep(Math.min(intervalMs, deadline.left));
+    await (wake ?? new Wake()).sleep(Math.min(intervalMs, deadline.left));
   }
 };
+
+/**
+ * A sleep that something else can cut short (news that makes looking again
+ * worth it now); a wake that came while nobody slept ends the next sleep at once.
+ */
+export class Wake {
+  private pending = false;
+  private wakeUp: (() => void) | null = null;
+
+  now(): void {
+    if (this.wakeUp === null) this.pending = true;
+    else this.wakeUp();
+  }
+
+  async sleep(ms: number): Promise<void> {
+    if (this.pending) {
+      this.pending = false;
+      return;
+    }
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await new Promise<void>((resolve) => {
+      this.wakeUp = resolve;
+      timer = setTimeout(resolve, ms);
+    });
+    clearTimeout(timer);
+    this.wakeUp = null;
+    this.pending = false;
+  }
+}
 
 /** Whether a pid names a process that exists (EPERM: it does, and is someone else's). */
 export const pidExists = (pid: number): boolean => {

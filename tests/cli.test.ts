@@ -389,12 +389,17 @@ describe("reaching VMs, against a fake-driver agent", () => {
 
   test("--wait: a VM deleted while waited for ends the wait at once, exit 1", async () => {
     const { id } = await create();
-    const waiting = cli(["vm", "start", id, "--wait", "--wait-timeout", "60"], { env: env() });
+    const waiting = cli(["vm", "start", id, "--wait", "--wait-timeout", "60", "--verbose"], {
+      env: env(),
+    });
     await Bun.sleep(2500);
     expect((await cli(["vm", "delete", id], { env: env() })).code).toBe(0);
     const result = await waiting;
     expect(result.code).toBe(1);
     expect(result.stderr).toContain(`error: VM ${id} does not exist (any more)`);
+    // Woken by the host's event, not only by its next look.
+    expect(result.stderr).toContain(`following the events of VM ${id}`);
+    expect(result.stderr).toContain(`vm.deleted from host cli-reach: looking at VM ${id} again now`);
     expect(result.ms).toBeLessThan(10_000);
   });
 

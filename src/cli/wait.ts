@@ -3,10 +3,13 @@
 // VM fails, or the wait's own limit passes. What each look at the VM means is
 // a pure function, `judge`; the loop only looks, probes and sleeps.
 import { Socket } from "node:net";
-import { Deadline, pollUntil, withTimeout } from "../_utils.ts";
+import { Deadline, messageOf, pollUntil, Wake, withTimeout } from "../_utils.ts";
 import { AetherError } from "../errors.ts";
 import { type Outcome, withFleet } from "../fleet.ts";
+import { logger } from "../log.ts";
 import { Reasons, type VmInfo } from "../protocol/messages.ts";
+import { brokerUrls, brokerUser } from "../routing/connection.ts";
+import { type EventSubscription, subscribeEvents } from "../routing/events.ts";
 import type { ClientSettings } from "./args.ts";
 import { EXIT, withFeedback } from "./output.ts";
 import { vmRequest } from "./requests.ts";
@@ -115,6 +118,40 @@ export const judge = (vmId: string, look: Look, banner?: boolean, sshAloneMs = 0
   return { kind: "reachable", target };
 };
 
+const log = logger.withTag("wait");
+
+/**
+ * Looks again as soon as the VM's host says it changed (its events), rather
+ * than at the next tick only; without events (a broker user that may not read
+ * them) the wait polls as before.
+ */
+const wakeOnEvents = async (
+  vmId: string,
+  settings: ClientSettings,
+  wake: Wake,
+): Promise<EventSubscription | null> => {
+  try {
+    const subscription = await subscribeEvents({
+      url: settings.url,
+      caFile: settings.caFile,
+      connectTimeoutMs: settings.timeoutMs,
+      name: "aetherscale wait",
+      filter: { user: brokerUser(brokerUrls(settings.url)[0] ?? settings.url), vm: vmId },
+      onEvent: (event) => {
+        log.debug(`${event.kind} from host ${event.host}: looking at VM ${vmId} again now`);
+        wake.now();
+      },
+    });
+    log.debug(`following the events of VM ${vmId}`);
+    return subscription;
+  } catch (error) {
+    log.debug(
+      `no events of VM ${vmId} (${messageOf(error)}): looking every ${POLL_INTERVAL_MS} ms`,
+    );
+    return null;
+  }
+};
+
 /** How long one knock on the SSH port may take: a guest that is up answers at once. */
 const PROBE_MS = 3000;
 /** Between two looks at the VM. */
@@ -163,6 +200,8 @@ export const waitUntilReachable = async (
   /** Since when SSH has answered while the guest agent stayed silent. */
   let sshAloneSince: number | null = null;
   const request = vmRequest("vm-info", vmId);
+  const wake = new Wake();
+  const events = await wakeOnEvents(vmId, settings, wake);
   const settled = withFleet(settings, (fleet) =>
     pollUntil(
       async () => {
@@ -183,12 +222,17 @@ export const waitUntilReachable = async (
       },
       deadline,
       POLL_INTERVAL_MS,
+      wake,
     ),
   );
-  await withFeedback(
-    () => (verdict.kind === "waiting" ? verdict.for : `SSH of VM ${vmId}`),
-    settled,
-  );
+  try {
+    await withFeedback(
+      () => (verdict.kind === "waiting" ? verdict.for : `SSH of VM ${vmId}`),
+      settled,
+    );
+  } finally {
+    await events?.close().catch(() => undefined);
+  }
   // TypeScript cannot see the callback above assign it.
   const final = verdict as Verdict;
   if (final.kind === "reachable") {
