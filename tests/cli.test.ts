@@ -399,7 +399,9 @@ describe("reaching VMs, against a fake-driver agent", () => {
     expect(result.stderr).toContain(`error: VM ${id} does not exist (any more)`);
     // Woken by the host's event, not only by its next look.
     expect(result.stderr).toContain(`following the events of VM ${id}`);
-    expect(result.stderr).toContain(`vm.deleted from host cli-reach: looking at VM ${id} again now`);
+    expect(result.stderr).toContain(
+      `vm.deleted from host cli-reach: looking at VM ${id} again now`,
+    );
     expect(result.ms).toBeLessThan(10_000);
   });
 
