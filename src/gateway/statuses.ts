@@ -60,6 +60,8 @@ const REASON_STATUSES: Array<[(reason: string) => boolean, ErrorStatus, string?]
   ],
   [(r) => /^Invalid /.test(r), 400],
   [(r) => /^Not run: .* after its client stopped waiting/s.test(r), 504],
+  // A simulated VM (the fake driver) has no guest, so no console: nothing failed.
+  [(r) => /has no console: the fake driver/.test(r), 409],
   // The VM's state or a name in use stands in the way: retry, or change the request.
   [
     (r) =>

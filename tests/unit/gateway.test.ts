@@ -172,6 +172,10 @@ describe("statuses", () => {
     );
     expect(statusOfReason('VM abcdefgh has no snapshot named "x"; it has none').status).toBe(404);
     expect(statusOfReason("Could not start VM abcdefgh: qemu died").status).toBe(502);
+    expect(
+      statusOfReason("VM abcdefgh has no console: the fake driver simulates VMs without a guest")
+        .status,
+    ).toBe(409);
   });
 
   test("outcomes of one host", () => {
