@@ -162,6 +162,7 @@ const CLEAR: { pattern: RegExp; sent: "no" | "maybe" }[] = [
   { pattern: /VM \w+ is \w+; try again once that has finished/, sent: "no" },
 ];
 const WRONG_MISSING = /VM does not exist/;
+const TIMED_OUT = /\d+ of \d+ hosts did not answer within/;
 
 const attempts: Attempt[] = [];
 const t0 = performance.now();
@@ -512,8 +513,14 @@ test("a fleet on a 3-node cluster: lose the busiest node, then another, then all
   const ok = attempts.filter((a) => a.ok);
   const failed = attempts.filter((a) => !a.ok);
   const wrongMissing = failed.filter((a) => WRONG_MISSING.test(a.error));
-  const clear = failed.filter((a) => !WRONG_MISSING.test(a.error) && clearly(a.error));
-  const unclear = failed.filter((a) => !WRONG_MISSING.test(a.error) && !clearly(a.error));
+  // While nodes are away and coming back, a host (or every host, while the
+  // whole cluster restarts) may not answer a list within its own timeout, and
+  // saying so is clear (a targeted command has its publisher confirm instead). Whether the fleet still serves meanwhile is
+  // checked by the probes (serviceGaps), not here.
+  const isClear = (a: Attempt) =>
+    clearly(a.error) !== undefined || (a.phase === "loss" && TIMED_OUT.test(a.error));
+  const clear = failed.filter((a) => !WRONG_MISSING.test(a.error) && isClear(a));
+  const unclear = failed.filter((a) => !WRONG_MISSING.test(a.error) && !isClear(a));
   const lost = lostVms.length + wrongState.length;
   const texts = new Map<string, number>();
   for (const a of failed) {

@@ -315,12 +315,16 @@ export class AgentConsumer {
     // does not confirm the cancel within a few seconds is not waited for again.
     let answering = false;
     if (session?.alive) {
-      // Not counted by clients from now on: their broadcasts wait for us no more.
-      await settlesWithin(STOP_STEP_MS, session.live?.close() ?? Promise.resolve());
+      // Not counted by clients from now on (their broadcasts wait for us no
+      // more), and no new messages: both in the one bounded step.
+      const live = session.live;
       session.live = null;
       answering = await settlesWithin(
         STOP_STEP_MS,
-        Promise.allSettled(session.consumerTags.map((tag) => session.consume.cancel(tag))),
+        Promise.allSettled([
+          ...session.consumerTags.map((tag) => session.consume.cancel(tag)),
+          live?.close(),
+        ]),
       );
     }
     await Promise.allSettled([...this.inFlight]);
@@ -722,6 +726,18 @@ export class AgentConsumer {
    * slot for good. On a dead channel the next connection sees it again.
    */
   private async settleFailed(session: Session, msg: ConsumeMessage, error: unknown): Promise<void> {
+    // The broker went away under the work (its node died, say): no "internal
+    // error" for the client, whose message the next connection is given again
+    // and answers for what was really done.
+    if (
+      !session.alive ||
+      parseBrokerError(error).failure === "connection-lost" ||
+      /Channel closed/.test(messageOf(error))
+    ) {
+      log.warn(`lost the broker while handling a message (${messageOf(error)}); it comes again`);
+      if (session.alive) await session.model.close().catch(() => undefined);
+      return;
+    }
     try {
       if (!this.replied.has(msg)) {
         const reason = `Internal error on host ${this.hostId}: ${messageOf(error)}`;

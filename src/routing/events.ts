@@ -116,7 +116,8 @@ export class EventPublisher {
   async close(ms = 3_000): Promise<void> {
     this.closed = true;
     this.wake?.();
-    if (this.sending !== null) await settlesWithin(ms, this.sending);
+    // A broker that does not confirm what is sending will not answer a close either.
+    const answering = this.sending === null || (await settlesWithin(ms, this.sending));
     if (this.queue.length > 0) {
       log.warn(`${this.queue.length} event(s) could not be sent before the agent stopped`);
       this.queue.length = 0;
@@ -124,7 +125,8 @@ export class EventPublisher {
     const link = this.link;
     this.link = null;
     if (link !== null) {
-      await settlesWithin(ms, (await link.catch(() => null))?.model.close() ?? Promise.resolve());
+      const closing = link.then(({ model }) => model.close()).catch(() => undefined);
+      await settlesWithin(answering ? ms : 0, closing);
     }
   }
 
