@@ -526,6 +526,22 @@ describe("secure by default", () => {
     expect(refused.stderr).not.toContain(ALICE.token);
   });
 
+  test("a broker user that may not impersonate is told so at start, with the fix", async () => {
+    const dir = await tempDir("gateway-noimp");
+    dirs.push(dir);
+    const file = join(dir, "tokens");
+    await writeFile(file, `${ALICE.token} ${ALICE.name}\n`);
+    await chmod(file, 0o600);
+    // guest has no impersonator tag; the token file names another user.
+    const refused = await cli(["gateway", "--token-file", file, "--amqp-url", vhost.url]);
+    expect(refused.code).not.toBe(0);
+    expect(refused.stderr).toContain(
+      `The gateway's broker user "guest" may not act for other users, but the token file names 1 other user(s): ${ALICE.name}`,
+    );
+    expect(refused.stderr).toContain("rabbitmqctl set_user_tags guest impersonator");
+    expect(refused.stderr).not.toContain(ALICE.token);
+  });
+
   test("TLS with a self-signed certificate", async () => {
     if (Bun.which("openssl") === null) {
       console.warn(

@@ -3,7 +3,14 @@
 import { messageOf, nextSignal } from "../_utils.ts";
 import { AetherError } from "../errors.ts";
 import { logger } from "../log.ts";
-import { brokerUrls, brokerUser, redactUrl } from "../routing/connection.ts";
+import {
+  brokerUrls,
+  brokerUser,
+  connectAny,
+  impersonation,
+  redactUrl,
+} from "../routing/connection.ts";
+import { EXCHANGE } from "../routing/topology.ts";
 import { VERSION } from "../version.ts";
 import { gatewayApp, MAX_BODY_BYTES } from "./app.ts";
 import type { GatewayConfig } from "./config.ts";
@@ -15,6 +22,34 @@ const log = logger.withTag("gateway");
 
 // Imported as text, built into the executable; Bun's types know .html only as a bundle.
 const consolePage = consoleHtml as unknown as string;
+
+/**
+ * Refuses to start when the token file names users the gateway's broker user
+ * may not act for (no `impersonator` tag): said now, once, with the fix, not
+ * as a 503 to each of their requests.
+ */
+const assertMayActFor = async (config: GatewayConfig, ownUser: string): Promise<void> => {
+  const others = (config.tokens?.users ?? []).filter((user) => user !== ownUser);
+  if (others.length === 0) return;
+  const { model } = await connectAny(brokerUrls(config.url), {
+    timeoutMs: config.timeoutMs.read,
+    name: "aetherscale gateway (impersonation check)",
+    caFile: config.caFile,
+  });
+  try {
+    // The exchange its requests go to, so its own permissions decide as they will.
+    if ((await impersonation(model, EXCHANGE)) !== "refused") return;
+  } finally {
+    await model.close().catch(() => undefined);
+  }
+  const named = others.slice(0, 5).join(", ") + (others.length > 5 ? ", …" : "");
+  throw new AetherError(
+    `The gateway's broker user "${ownUser}" may not act for other users, but the token file names ${others.length} other user(s): ${named}`,
+    {
+      hint: `Give it RabbitMQ's impersonator tag (rabbitmqctl set_user_tags ${ownUser} impersonator), or run the gateway as the broker user its tokens name.`,
+    },
+  );
+};
 
 /** Runs the gateway until SIGINT or SIGTERM. */
 export const runGateway = async (config: GatewayConfig): Promise<void> => {
@@ -28,6 +63,10 @@ export const runGateway = async (config: GatewayConfig): Promise<void> => {
   // not as a 503 to the first caller.
   await link.get();
   const ownUser = brokerUser(brokerUrls(config.url)[0] ?? config.url);
+  await assertMayActFor(config, ownUser).catch(async (error: unknown) => {
+    await link.close();
+    throw error;
+  });
   const events = new EventStreams({ url: config.url, caFile: config.caFile, ownUser });
   const app = gatewayApp({
     fleet: () => link.get(),

@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import amqp, { type Channel, type ChannelModel, type ConfirmChannel, type Options } from "amqplib";
 import { asError, Deadline, messageOf, withTimeout } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
-import { brokerError } from "./broker-errors.ts";
+import { brokerError, parseBrokerError } from "./broker-errors.ts";
 
 const DEFAULT_HEARTBEAT_S = 10;
 
@@ -222,3 +222,38 @@ export const publishConfirmed = (
       reject(error);
     }
   });
+
+/**
+ * Whether this connection's user may publish with another user's `user_id`
+ * (RabbitMQ's `impersonator` tag): a message with a made-up user_id, to a
+ * route nobody binds on `exchange` (one the user may write to), is dropped if
+ * so, and refused with 406 if not. Any other refusal (no such exchange, no
+ * write permission) tells nothing: unknown.
+ */
+export const impersonation = async (
+  model: ChannelModel,
+  exchange: string,
+): Promise<"allowed" | "refused" | "unknown"> => {
+  const channel = await model.createConfirmChannel();
+  let refusal: unknown = null;
+  channel.on("error", (error: unknown) => {
+    refusal = error;
+  });
+  try {
+    await publishConfirmed(
+      channel,
+      exchange,
+      `aetherscale-nowhere-${crypto.randomUUID()}`,
+      Buffer.alloc(0),
+      { userId: "aetherscale-impersonation-check" },
+    );
+    return "allowed";
+  } catch {
+    const failure = refusal === null ? null : parseBrokerError(refusal);
+    return failure?.failure === "precondition-failed" && /user_id/i.test(failure.text)
+      ? "refused"
+      : "unknown";
+  } finally {
+    await channel.close().catch(() => undefined);
+  }
+};

@@ -14,6 +14,7 @@ import {
   type ConnectOptions,
   connect,
   connectAny,
+  impersonation,
   publishConfirmed,
   redactUrl,
   SpareChannel,
@@ -188,32 +189,6 @@ const CARRIED_PROPERTIES = [
 
 const carriedProperties = (msg: ConsumeMessage): Options.Publish =>
   Object.fromEntries(CARRIED_PROPERTIES.map((key) => [key, msg.properties[key]]));
-
-/**
- * Whether this connection's user may publish with another user's `user_id`
- * (RabbitMQ's `impersonator` tag): a message with a made-up user_id to a queue
- * that does not exist is dropped if so, and closes its channel if not.
- */
-const canImpersonate = async (model: ChannelModel): Promise<boolean> => {
-  const channel = await model.createConfirmChannel();
-  channel.on("error", () => undefined);
-  try {
-    await publishConfirmed(
-      channel,
-      "",
-      `aetherscale-nowhere-${crypto.randomUUID()}`,
-      Buffer.alloc(0),
-      {
-        userId: "aetherscale-impersonation-check",
-      },
-    );
-    return true;
-  } catch {
-    return false;
-  } finally {
-    await channel.close().catch(() => undefined);
-  }
-};
 
 /** A broker error as the agent tells it: a refusal is the agent's user lacking a permission. */
 const agentError = (caught: unknown, where: string): BrokerError => {
@@ -403,7 +378,8 @@ export class AgentConsumer {
         model,
         url,
         user: brokerUser(url),
-        impersonates: await canImpersonate(model),
+        // Unknown counts as no: the origin header still carries the sender.
+        impersonates: (await impersonation(model, "")) === "allowed",
         consume,
         publish,
         ops,
