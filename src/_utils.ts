@@ -206,3 +206,31 @@ export const nextSignal = (): { received: Promise<NodeJS.Signals>; cancel(): voi
   process.on("SIGTERM", on);
   return { received: got.promise, cancel };
 };
+
+/**
+ * THE back-off of every retry loop: pauses that double after each failure up
+ * to a limit, and start over from the first after a success.
+ */
+export class Backoff {
+  private readonly firstMs: number;
+  private readonly maxMs: number;
+  private nextMs: number;
+
+  constructor(firstMs: number, maxMs: number) {
+    this.firstMs = firstMs;
+    this.maxMs = maxMs;
+    this.nextMs = firstMs;
+  }
+
+  /** The pause before the next try; the one after it is twice as long, up to the limit. */
+  next(): number {
+    const ms = this.nextMs;
+    this.nextMs = Math.min(ms * 2, this.maxMs);
+    return ms;
+  }
+
+  /** After a success: the next failure waits the first pause again. */
+  reset(): void {
+    this.nextMs = this.firstMs;
+  }
+}

@@ -1,7 +1,7 @@
 // A host's VMs: ids, records, capacity, image checks and the lifecycle, shared
 // by every driver. It knows no broker: the agent command hands it requests.
 import { join } from "node:path";
-import { KeyedLock, messageOf, sleep } from "../_utils.ts";
+import { Backoff, KeyedLock, messageOf, sleep } from "../_utils.ts";
 import { CommandError, DeclineError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { RawJson } from "../protocol/envelope.ts";
@@ -794,7 +794,8 @@ export class Host {
 
   /** Waits for the store to have written what the waiting events tell, then tells them. */
   private async tellOnceWritten(): Promise<void> {
-    for (let delay = 250; this.unwritten.length > 0; delay = Math.min(delay * 2, 5000)) {
+    const backoff = new Backoff(250, 5000);
+    while (this.unwritten.length > 0) {
       // Those waiting now: their changes were made before this flush.
       const waiting = this.unwritten.length;
       if (
@@ -804,7 +805,7 @@ export class Host {
         )
       ) {
         for (const event of this.unwritten.splice(0, waiting)) this.tell(event);
-        delay = 125;
+        backoff.reset();
         continue;
       }
       if (this.closing) {
@@ -812,7 +813,7 @@ export class Host {
         this.unwritten.length = 0;
         return;
       }
-      await sleep(delay);
+      await sleep(backoff.next());
     }
   }
 

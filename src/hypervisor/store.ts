@@ -1,7 +1,7 @@
 import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import * as v from "valibot";
-import { type Deferred, deferred, messageOf, writeFileAtomic } from "../_utils.ts";
+import { Backoff, type Deferred, deferred, messageOf, writeFileAtomic } from "../_utils.ts";
 import { StoreError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { describeIssues } from "../protocol/envelope.ts";
@@ -205,7 +205,7 @@ export class StateStore {
   /** Whether the last write failed: logged once when it starts failing, once when it stops. */
   private failing = false;
   private retryTimer: ReturnType<typeof setTimeout> | null = null;
-  private retryMs = RETRY_FIRST_MS;
+  private readonly retry = new Backoff(RETRY_FIRST_MS, RETRY_MAX_MS);
   private closing = false;
   private closed = false;
 
@@ -507,7 +507,7 @@ export class StateStore {
       this.failing = false;
       log.info(`The state file ${this.path} is written again`);
     }
-    this.retryMs = RETRY_FIRST_MS;
+    this.retry.reset();
     if (this.written >= this.generation) this.stopRetrying();
     for (const { transaction, committed } of batch.transactions) {
       transaction.state = "done";
@@ -547,8 +547,7 @@ export class StateStore {
   /** What already happened and is not on disk yet: tried again, ever less often, until written. */
   private retryLater(): void {
     if (this.closing || this.retryTimer !== null || this.written >= this.generation) return;
-    const delay = this.retryMs;
-    this.retryMs = Math.min(this.retryMs * 2, RETRY_MAX_MS);
+    const delay = this.retry.next();
     this.retryTimer = setTimeout(() => {
       this.retryTimer = null;
       // A failure schedules the next attempt itself.

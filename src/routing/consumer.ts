@@ -4,7 +4,7 @@
 // the route changes the handler asks for, reply with a broker confirm, and
 // only then acknowledge. Which host a message belongs on is placement.ts's.
 import type { Channel, ChannelModel, ConfirmChannel, ConsumeMessage, Options } from "amqplib";
-import { Deadline, KeyedLock, messageOf, settlesWithin, sleep } from "../_utils.ts";
+import { Backoff, Deadline, KeyedLock, messageOf, settlesWithin, sleep } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { brokerError, parseBrokerError } from "./broker-errors.ts";
@@ -133,6 +133,7 @@ export type AgentConsumerOptions = {
  * back its routes may be gone (a restarted broker forgets them).
  */
 const RECONNECT_MAX_MS = 5_000;
+const RECONNECT_FIRST_MS = 500;
 /** A message handed to the host that had claimed it while this one was about to. */
 class SentHome extends Error {
   constructor(route: string) {
@@ -323,7 +324,7 @@ export class AgentConsumer {
    * once in a row, so a cluster with a node down is served again at once.
    */
   private async connectWithRetry(first: boolean): Promise<void> {
-    let delay = 500;
+    const backoff = new Backoff(RECONNECT_FIRST_MS, RECONNECT_MAX_MS);
     for (let attempt = 1; !this.stopping; attempt++) {
       const where = this.where;
       try {
@@ -338,12 +339,11 @@ export class AgentConsumer {
           log.warn(`${error.message}; trying ${this.where} (attempt ${attempt})`);
           continue;
         }
-        const wait = Math.round(delay * (0.8 + Math.random() * 0.4));
+        const wait = Math.round(backoff.next() * (0.8 + Math.random() * 0.4));
         log.warn(
           `${error.message}; retrying in ${(wait / 1000).toFixed(1)} s (attempt ${attempt})`,
         );
         await sleep(wait);
-        delay = Math.min(delay * 2, RECONNECT_MAX_MS);
       }
     }
   }
@@ -680,13 +680,14 @@ export class AgentConsumer {
 
   /** THE retry loop of the live-agents queue, while the session lasts. */
   private async rejoinLive(session: Session): Promise<void> {
-    for (let delay = 100; session.alive && !this.stopping; delay = Math.min(delay * 2, 2_000)) {
+    const backoff = new Backoff(100, 2_000);
+    while (session.alive && !this.stopping) {
       try {
         await this.joinLive(session);
         return;
       } catch (error) {
         log.warn(`could not consume ${LIVE_QUEUE} again (${messageOf(error)}); retrying`);
-        await sleep(delay);
+        await sleep(backoff.next());
       }
     }
   }

@@ -10,7 +10,7 @@
 // and `vm info` stay the truth, events only tell that it changed.
 import type { Channel, ChannelModel, ConfirmChannel, ConsumeMessage } from "amqplib";
 import * as v from "valibot";
-import { messageOf, settlesWithin, sleep } from "../_utils.ts";
+import { Backoff, messageOf, settlesWithin, sleep, Wake } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { decodeJson, describeIssues } from "../protocol/envelope.ts";
@@ -22,7 +22,7 @@ import {
   topicMatches,
 } from "../protocol/events.ts";
 import { brokerError, parseBrokerError } from "./broker-errors.ts";
-import { brokerUrls, connectAny, publishConfirmed, redactUrl } from "./connection.ts";
+import { brokerUrls, connectAny, publishConfirmed, redactUrl, SpareChannel } from "./connection.ts";
 
 export type { Event, EventFilter, EventKind } from "../protocol/events.ts";
 
@@ -70,7 +70,7 @@ export class EventPublisher {
   private failing = false;
   private dropped = 0;
   /** Wakes the sending loop out of its pause (close() does). */
-  private wake: (() => void) | null = null;
+  private readonly wake = new Wake();
 
   constructor(options: EventPublisherOptions) {
     this.options = options;
@@ -115,7 +115,7 @@ export class EventPublisher {
   /** Sends what waits, for at most `ms`, then closes; what is left is dropped, and said so. */
   async close(ms = 3_000): Promise<void> {
     this.closed = true;
-    this.wake?.();
+    this.wake.now();
     // A broker that does not confirm what is sending will not answer a close either.
     const answering = this.sending === null || (await settlesWithin(ms, this.sending));
     if (this.queue.length > 0) {
@@ -132,7 +132,7 @@ export class EventPublisher {
 
   /** THE sending loop: batches in order, each confirmed by the broker; retried after a failure. */
   private async send(): Promise<void> {
-    let delay = RETRY_FIRST_MS;
+    const backoff = new Backoff(RETRY_FIRST_MS, RETRY_MAX_MS);
     while (this.queue.length > 0) {
       const batch = this.queue.slice(0, BATCH);
       try {
@@ -153,14 +153,14 @@ export class EventPublisher {
         if (this.failing) log.info("events are published again");
         this.failing = false;
         this.dropped = 0;
-        delay = RETRY_FIRST_MS;
+        backoff.reset();
       } catch (error) {
         if (this.closed) return;
         this.warn(error);
         this.drop();
         const refused = parseBrokerError(error).failure === "access-refused";
-        await this.pause(refused ? REFUSED_RETRY_MS : delay);
-        delay = Math.min(delay * 2, RETRY_MAX_MS);
+        const pause = backoff.next();
+        await this.wake.sleep(refused ? REFUSED_RETRY_MS : pause);
         if (this.closed) return;
       }
     }
@@ -180,18 +180,6 @@ export class EventPublisher {
           : "; retrying"
       }`,
     );
-  }
-
-  private pause(ms: number): Promise<void> {
-    return new Promise<void>((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        this.wake = null;
-        resolve();
-      };
-      const timer = setTimeout(done, ms);
-      this.wake = done;
-    });
   }
 
   private drop(): void {
@@ -275,7 +263,14 @@ type Subscriber = {
   onEvent: (event: Event) => void;
 };
 
-type Session = { model: ChannelModel; consume: Channel; queue: string; alive: boolean };
+type Session = {
+  model: ChannelModel;
+  consume: Channel;
+  queue: string;
+  alive: boolean;
+  /** Binds and unbinds: a refused bind closes its channel, never the consumer's. */
+  spare: SpareChannel;
+};
 
 /** How long closing may take: a broker that went away never confirms it. */
 const CLOSE_MS = 1_000;
@@ -401,14 +396,15 @@ export class EventHub {
     }
   }
 
-  /** A refused bind closes its channel: each goes on a channel of its own, never the consumer's. */
+  /** A refused bind closes its channel: binds go on the spare one, never the consumer's. */
   private async onSpare(work: (channel: Channel) => Promise<unknown>): Promise<void> {
-    const channel = await this.session.model.createChannel();
-    channel.on("error", () => undefined);
+    const { spare } = this.session;
+    const channel = await spare.get();
     try {
       await work(channel);
-    } finally {
-      await channel.close().catch(() => undefined);
+    } catch (error) {
+      spare.drop(channel);
+      throw error;
     }
   }
 
@@ -454,8 +450,9 @@ export class EventHub {
 
   /** THE retry loop of a hub: a new connection and queue, every key bound again. */
   private async reconnect(): Promise<void> {
-    for (let delay = RETRY_FIRST_MS; !this.closed; delay = Math.min(delay * 2, RETRY_MAX_MS)) {
-      await sleep(delay);
+    const backoff = new Backoff(RETRY_FIRST_MS, RETRY_MAX_MS);
+    while (!this.closed) {
+      await sleep(backoff.next());
       if (this.closed) return;
       try {
         const { session, index } = await EventHub.connect(
@@ -501,9 +498,8 @@ export class EventHub {
     );
     try {
       model.on("error", (error: Error) => log.debug(`events connection: ${error.message}`));
-      const check = await model.createChannel();
-      check.on("error", () => undefined);
-      await check.checkExchange(EVENTS_EXCHANGE).catch((error: unknown) => {
+      const spare = new SpareChannel(model);
+      await (await spare.get()).checkExchange(EVENTS_EXCHANGE).catch((error: unknown) => {
         throw parseBrokerError(error).failure === "not-found"
           ? new BrokerError(
               `The broker at ${redactUrl(url)} has no exchange "${EVENTS_EXCHANGE}": no agent that publishes events has connected to this vhost yet`,
@@ -515,7 +511,6 @@ export class EventHub {
             )
           : brokerError(error, redactUrl(url));
       });
-      await check.close().catch(() => undefined);
       const consume = await model.createChannel();
       consume.on("error", (error: Error) => log.debug(`events channel: ${error.message}`));
       consume.on("close", () => void model.close().catch(() => undefined));
@@ -528,7 +523,7 @@ export class EventHub {
         arguments: { "x-max-length": 10_000 },
       });
       await consume.consume(queue, onMessage, { noAck: true, exclusive: true });
-      return { session: { model, consume, queue, alive: true }, index };
+      return { session: { model, consume, queue, alive: true, spare }, index };
     } catch (error) {
       await model.close().catch(() => undefined);
       throw error instanceof BrokerError ? error : brokerError(error, redactUrl(url));

@@ -1,6 +1,7 @@
-// The sleep of a polling loop that news can cut short (src/_utils.ts Wake, pollUntil).
+// The pauses of waiting and retry loops (src/_utils.ts): a sleep that news can
+// cut short (Wake, pollUntil), and the back-off every retry loop shares.
 import { expect, test } from "bun:test";
-import { Deadline, pollUntil, Wake } from "../../src/_utils.ts";
+import { Backoff, Deadline, pollUntil, Wake } from "../../src/_utils.ts";
 
 test("a wake ends a sleep under way; without one the sleep runs its course", async () => {
   const wake = new Wake();
@@ -40,4 +41,13 @@ test("pollUntil looks again as soon as it is woken", async () => {
   }
   expect(await done).toBe(true);
   expect(looks).toBe(3);
+});
+
+test("a back-off doubles up to its limit, and starts over after a success", () => {
+  const backoff = new Backoff(250, 1000);
+  expect([backoff.next(), backoff.next(), backoff.next(), backoff.next()]).toEqual([
+    250, 500, 1000, 1000,
+  ]);
+  backoff.reset();
+  expect([backoff.next(), backoff.next()]).toEqual([250, 500]);
 });
