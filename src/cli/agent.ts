@@ -17,7 +17,7 @@ import type { AccelChoice } from "../hypervisor/qemu-tools.ts";
 import { DEFAULT_RESTORE, RESTORE_POLICIES, type RestorePolicy } from "../hypervisor/restore.ts";
 import { describeIssues } from "../protocol/envelope.ts";
 import { HostId } from "../protocol/messages.ts";
-import { brokerUrls, brokerUser } from "../routing/connection.ts";
+import { brokerUser } from "../routing/connection.ts";
 import { integerArg, repeatedValues, resolveAmqpUrl, resolveCaFile, secondsArg } from "./args.ts";
 
 export type AgentFlags = {
@@ -142,6 +142,17 @@ const adminsFrom = (names: string[]): string[] => {
   return [...new Set(names)];
 };
 
+/** What a limit on VMs, and one on MiB of memory, may be (a host's or a user's). */
+const VM_COUNT = { min: 0, max: 1_000_000 } as const;
+const MEMORY_MIB = { min: 0, max: 1024 ** 3 } as const;
+
+/** A limit flag: null (no limit) when not given. */
+const limitArg = (
+  name: string,
+  value: string | undefined,
+  range: { min: number; max: number },
+): number | null => (value === undefined ? null : integerArg(name, value, range));
+
 /** `rawArgs`: the command line as given, for the flags that may be repeated (--admin). */
 export const agentConfigFrom = (flags: AgentFlags, rawArgs: string[] = []): AgentConfig => {
   const hostId = flags["host-id"] || defaultHostId();
@@ -161,16 +172,11 @@ export const agentConfigFrom = (flags: AgentFlags, rawArgs: string[] = []): Agen
   return {
     hostId,
     driver,
-    maxVms:
-      flags["max-vms"] === undefined
-        ? null
-        : integerArg("max-vms", flags["max-vms"], { min: 0, max: 1_000_000 }),
+    maxVms: limitArg("max-vms", flags["max-vms"], VM_COUNT),
     maxMemory:
-      flags["max-memory"] === undefined
-        ? driver === "qemu"
-          ? Math.floor(totalmem() / 1024 / 1024)
-          : null
-        : integerArg("max-memory", flags["max-memory"], { min: 0, max: 1024 ** 3 }),
+      flags["max-memory"] === undefined && driver === "qemu"
+        ? Math.floor(totalmem() / 1024 / 1024)
+        : limitArg("max-memory", flags["max-memory"], MEMORY_MIB),
     fakeBootMs: integerArg("fake-boot-ms", flags["fake-boot-ms"] ?? "0", { min: 0, max: 600_000 }),
     stopTimeoutMs: secondsArg("stop-timeout", flags["stop-timeout"] ?? "30"),
     accel: accelFrom(flags.accel),
@@ -182,16 +188,10 @@ export const agentConfigFrom = (flags: AgentFlags, rawArgs: string[] = []): Agen
     caFile: resolveCaFile(flags["amqp-ca"]),
     owners: {
       admins: adminsFrom(repeatedValues(rawArgs, "admin")),
-      userMaxVms:
-        flags["user-max-vms"] === undefined
-          ? null
-          : integerArg("user-max-vms", flags["user-max-vms"], { min: 0, max: 1_000_000 }),
-      userMaxMemory:
-        flags["user-max-memory"] === undefined
-          ? null
-          : integerArg("user-max-memory", flags["user-max-memory"], { min: 0, max: 1024 ** 3 }),
+      userMaxVms: limitArg("user-max-vms", flags["user-max-vms"], VM_COUNT),
+      userMaxMemory: limitArg("user-max-memory", flags["user-max-memory"], MEMORY_MIB),
       // VMs made before VMs had owners stay with the user the agents connect as.
-      legacyOwner: brokerUser(brokerUrls(url)[0] ?? url),
+      legacyOwner: brokerUser(url),
     },
   };
 };

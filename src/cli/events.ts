@@ -13,7 +13,7 @@ import {
   isHostKind,
 } from "../protocol/events.ts";
 import { HostId } from "../protocol/messages.ts";
-import { brokerUrls, brokerUser, redactUrl } from "../routing/connection.ts";
+import { brokerUser, redactUrl } from "../routing/connection.ts";
 import { subscribeEvents } from "../routing/events.ts";
 import type { ClientSettings } from "./args.ts";
 import { timeText } from "./views.ts";
@@ -44,7 +44,7 @@ export const filterFrom = (flags: EventsFlags, kinds: string[], url: string): Ev
   }
   return {
     // The broker user this client logs in as: the owner of the VMs it makes.
-    ...(flags.all ? {} : { user: brokerUser(brokerUrls(url)[0] ?? url) }),
+    ...(flags.all ? {} : { user: brokerUser(url) }),
     ...(flags.vm === undefined ? {} : { vm: flags.vm }),
     ...(flags.host === undefined ? {} : { host: flags.host }),
     ...(kinds.length === 0 ? {} : { kinds: kinds as EventKind[] }),

@@ -8,7 +8,7 @@ import { AetherError } from "../errors.ts";
 import { type Outcome, withFleet } from "../fleet.ts";
 import { logger } from "../log.ts";
 import { Reasons, type VmInfo } from "../protocol/messages.ts";
-import { brokerUrls, brokerUser } from "../routing/connection.ts";
+import { brokerUser } from "../routing/connection.ts";
 import { type EventSubscription, subscribeEvents } from "../routing/events.ts";
 import type { ClientSettings } from "./args.ts";
 import { EXIT, withFeedback } from "./output.ts";
@@ -136,7 +136,7 @@ const wakeOnEvents = async (
       caFile: settings.caFile,
       connectTimeoutMs: settings.timeoutMs,
       name: "aetherscale wait",
-      filter: { user: brokerUser(brokerUrls(settings.url)[0] ?? settings.url), vm: vmId },
+      filter: { user: brokerUser(settings.url), vm: vmId },
       onEvent: (event) => {
         log.debug(`${event.kind} from host ${event.host}: looking at VM ${vmId} again now`);
         wake.now();

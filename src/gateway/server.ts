@@ -62,7 +62,7 @@ export const runGateway = async (config: GatewayConfig): Promise<void> => {
   // Connected once before listening: a wrong password or vhost is said now,
   // not as a 503 to the first caller.
   await link.get();
-  const ownUser = brokerUser(brokerUrls(config.url)[0] ?? config.url);
+  const ownUser = brokerUser(config.url);
   await assertMayActFor(config, ownUser).catch(async (error: unknown) => {
     await link.close();
     throw error;

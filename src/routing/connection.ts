@@ -196,10 +196,13 @@ export class SpareChannel {
   }
 }
 
-/** The user a URL logs in as: amqplib's default when it names none. */
+/**
+ * The user a URL logs in as (of a list, its first URL's: a cluster shares its
+ * users): amqplib's default when it names none.
+ */
 export const brokerUser = (url: string): string => {
   try {
-    return decodeURIComponent(new URL(url).username) || "guest";
+    return decodeURIComponent(new URL(brokerUrls(url)[0] ?? url).username) || "guest";
   } catch {
     return "guest";
   }

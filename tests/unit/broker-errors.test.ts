@@ -2,7 +2,7 @@
 import { describe, expect, test } from "bun:test";
 import { BrokerError, type BrokerFailure } from "../../src/errors.ts";
 import { brokerError, parseBrokerError } from "../../src/routing/broker-errors.ts";
-import { connectAny } from "../../src/routing/connection.ts";
+import { brokerUser, connectAny } from "../../src/routing/connection.ts";
 
 /** An error shaped as amqplib makes them: a message with the broker's words, a reply code. */
 const amqp = (message: string, code?: number | string) =>
@@ -173,4 +173,11 @@ describe("connectAny: a list of broker URLs", () => {
       for (const server of silent) server.stop(true);
     }
   });
+});
+
+test("brokerUser: the user a URL, or the first URL of a list, logs in as", () => {
+  expect(brokerUser("amqp://alice:pw@h1:5672/v")).toBe("alice");
+  expect(brokerUser("amqp://alice:pw@h1:5672/v,amqp://alice:pw@h2:5672/v")).toBe("alice");
+  expect(brokerUser("amqp://a%2Eb:pw@h1/v")).toBe("a.b");
+  expect(brokerUser("amqp://h1:5672/v")).toBe("guest");
 });
