@@ -12,7 +12,7 @@ import {
   type EventKind,
   isHostKind,
 } from "../protocol/events.ts";
-import { HostId } from "../protocol/messages.ts";
+import { HostId, VmId } from "../protocol/messages.ts";
 import { brokerUser, redactUrl } from "../routing/connection.ts";
 import { subscribeEvents } from "../routing/events.ts";
 import type { ClientSettings } from "./args.ts";
@@ -26,7 +26,7 @@ type EventsFlags = {
 
 /** What the flags ask for, checked before anything connects. */
 export const filterFrom = (flags: EventsFlags, kinds: string[], url: string): EventFilter => {
-  if (flags.vm !== undefined && !/^[a-z]{8}$/.test(flags.vm)) {
+  if (flags.vm !== undefined && !v.safeParse(VmId, flags.vm).success) {
     throw new UsageError(
       `--vm must be a VM id (8 lowercase letters), not "${flags.vm.slice(0, 40)}"`,
     );

@@ -18,6 +18,7 @@ import {
   type HostInfo,
   type Request,
   type Response,
+  VmId,
   type VmRecord,
 } from "../protocol/messages.ts";
 import { isLoopback } from "./config.ts";
@@ -96,7 +97,7 @@ const jsonBody = async (c: Context, empty: unknown = null): Promise<unknown> => 
 /** A path's VM id, checked as the protocol checks it. */
 const vmIdOf = (c: Context): string => {
   const id = c.req.param("id") ?? "";
-  if (!checkOptions("vm-info", { "vm-id": id }).ok) {
+  if (!v.safeParse(VmId, id).success) {
     throw new HttpError(400, `Invalid VM id ${quoted(id)}: a VM id is 8 lowercase letters`);
   }
   return id;

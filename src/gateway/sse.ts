@@ -10,7 +10,7 @@ import * as v from "valibot";
 import { messageOf } from "../_utils.ts";
 import { BrokerError } from "../errors.ts";
 import { logger } from "../log.ts";
-import { HostId } from "../protocol/messages.ts";
+import { HostId, VmId } from "../protocol/messages.ts";
 import {
   type Event,
   EventHub,
@@ -27,8 +27,6 @@ export const MAX_SSE_CLIENTS = 256;
 const MAX_PENDING = 1_000;
 /** A comment this often keeps proxies and the client from taking a quiet stream for a dead one. */
 const HEARTBEAT_MS = 15_000;
-
-const VmId = v.pipe(v.string(), v.regex(/^[a-z]{8}$/));
 
 type Client = { end: () => void };
 

@@ -12,7 +12,7 @@
 // owner is the word ANONYMOUS_WORD, host events carry FLEET_WORD in the
 // owner's place and `-` where the VM would be.
 import * as v from "valibot";
-import { VmRecord } from "./messages.ts";
+import { VmId, VmRecord } from "./messages.ts";
 
 export const VM_EVENT_KINDS = [
   "vm.creating",
@@ -52,7 +52,7 @@ export const Event = v.pipe(
     host: v.string(),
     /** When the change was on disk, ISO 8601 (UTC). */
     at: v.string(),
-    "vm-id": v.optional(v.pipe(v.string(), v.regex(/^[a-z]{8}$/, "vm-id must be 8 letters"))),
+    "vm-id": v.optional(VmId),
     /** The broker user the VM belongs to; null for the anonymous user. */
     owner: v.optional(v.nullable(v.string())),
     /** The VM's status after the change. */

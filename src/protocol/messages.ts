@@ -10,7 +10,7 @@ const NAME_RULE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const NAME_RULE_TEXT =
   "1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit";
 
-const VmId = v.pipe(
+export const VmId = v.pipe(
   v.string("vm-id must be a string"),
   v.regex(/^[a-z]{8}$/, "vm-id must be 8 lowercase letters"),
 );
