@@ -67,8 +67,12 @@ export const parseBrokerError = (error: unknown): ParsedBrokerError => {
   // A vhost the user may not open: the broker closes instead of sending open-ok.
   if (/^Expected ConnectionOpenOk/.test(message)) return { failure: "vhost-refused", text };
   if (/certificate|self[- ]signed|SSL|TLS/i.test(message)) return { failure: "tls", text };
+  // amqplib's own words for work on a channel or connection that went away
+  // (a broker's close of a channel has a reply code, handled above).
   if (
-    /Connection closed|Socket closed|closed by server|Channel ended|Connection ended/i.test(message)
+    /Connection closed|Socket closed|closed by server|Channel ended|Connection ended|^Channel closed$/i.test(
+      message,
+    )
   ) {
     return { failure: "connection-lost", text };
   }

@@ -706,11 +706,7 @@ export class AgentConsumer {
     // The broker went away under the work (its node died, say): no "internal
     // error" for the client, whose message the next connection is given again
     // and answers for what was really done.
-    if (
-      !session.alive ||
-      parseBrokerError(error).failure === "connection-lost" ||
-      /Channel closed/.test(messageOf(error))
-    ) {
+    if (!session.alive || parseBrokerError(error).failure === "connection-lost") {
       log.warn(`lost the broker while handling a message (${messageOf(error)}); it comes again`);
       if (session.alive) await session.model.close().catch(() => undefined);
       return;

@@ -54,6 +54,11 @@ describe("parseBrokerError", () => {
       "not-found",
     ],
     [
+      "work on a channel that closed a moment ago (amqplib's own words)",
+      amqp("Channel closed"),
+      "connection-lost",
+    ],
+    [
       "a declaration that disagrees",
       amqp(`Operation failed: QueueDeclare; 406 (PRECONDITION-FAILED) with message "x"`, 406),
       "precondition-failed",
